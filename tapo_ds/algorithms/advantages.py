@@ -1,0 +1,162 @@
+"""Advantage estimators: per-group reward normalisation (GRPO) and TAPO's decoupled variant.
+
+Every estimator has the signature of :data:`AdvantageFn`, so the trainer picks one by the
+config's algorithm name and calls it the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .registry import Registry
+
+REFLECTED_SUFFIX = "_reflected"
+
+
+@dataclass(frozen=True)
+class AdvantageParams:
+    eps: float = 1e-6
+    # False reproduces the paper's "w/o DAE" ablation: constructed samples share the uid.
+    decoupled: bool = True
+
+
+@dataclass
+class AdvantageOutput:
+    advantages: Tensor  # [N], dtype of the rewards
+    group_ids: list[str]  # the group id each sample was normalised in
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+AdvantageFn = Callable[[Tensor, Sequence[str], Tensor, AdvantageParams], AdvantageOutput]
+
+_ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    return _ADVANTAGES.register(name)
+
+
+def get_advantage_estimator(name: str) -> AdvantageFn:
+    return _ADVANTAGES.get(name)
+
+
+def advantage_estimator_names() -> list[str]:
+    return _ADVANTAGES.names()
+
+
+@dataclass
+class _GroupStats:
+    index: Tensor  # [N] long, the group of each sample
+    count: Tensor  # [G] float64
+    constant: Tensor  # [G] bool, all rewards of the group equal (size-1 groups included)
+    normalised: Tensor  # [N] float64, (r - mean_g) / (std_g + eps), exactly 0 in constant groups
+
+
+def _group_stats(rewards: Tensor, group_ids: Sequence[str], eps: float) -> _GroupStats:
+    # Strings cannot live on a device, so the only Python loop is the id -> index map.
+    lookup: dict[str, int] = {}
+    index = torch.tensor(
+        [lookup.setdefault(g, len(lookup)) for g in group_ids],
+        dtype=torch.long,
+        device=rewards.device,
+    )
+    n_groups = len(lookup)
+    # float64 so the statistics do not depend on the reward dtype or the group order.
+    r = rewards.detach().to(torch.float64)
+    zeros = r.new_zeros(n_groups)
+    count = zeros.index_add(0, index, torch.ones_like(r))
+    mean = zeros.index_add(0, index, r) / count
+    deviation = r - mean[index]
+    # Two passes (mean, then squared deviations) avoid E[r^2] - E[r]^2 cancellation.
+    std = (zeros.index_add(0, index, deviation * deviation) / count).sqrt()
+    # Equal rewards are detected exactly: their rounded mean can differ from r by an ulp,
+    # which divided by eps would give a spurious nonzero advantage.
+    group_max = r.new_full((n_groups,), -torch.inf).scatter_reduce(0, index, r, "amax")
+    group_min = r.new_full((n_groups,), torch.inf).scatter_reduce(0, index, r, "amin")
+    constant = group_max == group_min
+    normalised = torch.where(constant[index], 0.0, deviation / (std[index] + eps))
+    return _GroupStats(index=index, count=count, constant=constant, normalised=normalised)
+
+
+def _check_inputs(rewards: Tensor, group_ids: Sequence[str], constructed: Tensor) -> None:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D, got shape {tuple(rewards.shape)}")
+    if len(group_ids) != rewards.numel() or constructed.shape != rewards.shape:
+        raise ValueError(
+            f"rewards ({rewards.numel()}), group_ids ({len(group_ids)}) and constructed "
+            f"({tuple(constructed.shape)}) must describe the same samples"
+        )
+
+
+def _zero_std_frac(stats: _GroupStats) -> float:
+    n_groups = stats.constant.numel()
+    return stats.constant.sum().item() / n_groups if n_groups else 0.0
+
+
+@register_advantage("grpo")
+def grpo_advantages(
+    rewards: Tensor, group_ids: Sequence[str], constructed: Tensor, params: AdvantageParams
+) -> AdvantageOutput:
+    """A = (r - mean_g) / (std_g + eps) per group id, population std.
+
+    ``constructed`` is ignored: plain GRPO has no notion of constructed samples.
+    """
+    _check_inputs(rewards, group_ids, constructed)
+    stats = _group_stats(rewards, group_ids, params.eps)
+    return AdvantageOutput(
+        advantages=stats.normalised.to(rewards.dtype),
+        group_ids=list(group_ids),
+        metrics={
+            "adv/zero_std_group_frac": _zero_std_frac(stats),
+            "adv/num_groups": float(stats.constant.numel()),
+        },
+    )
+
+
+@register_advantage("tapo")
+def tapo_advantages(
+    rewards: Tensor, group_ids: Sequence[str], constructed: Tensor, params: AdvantageParams
+) -> AdvantageOutput:
+    """Decoupled Advantage Estimation (TAPO spec §2 step 7).
+
+    Constructed samples are normalised in a group of their own (``uid + "_reflected"``)
+    when ``params.decoupled``, otherwise inside their question's original group.
+    A reflected group is a group made only of constructed samples; one of size 1 gets
+    A = r (there is no sibling to compare with, so it is weighted SFT on that sample),
+    one of size >= 2 with equal rewards gets A = 0 like any constant group.
+    Without constructed samples this is exactly :func:`grpo_advantages`.
+    """
+    _check_inputs(rewards, group_ids, constructed)
+    is_constructed = constructed.to(device=rewards.device, dtype=torch.bool)
+    flags = is_constructed.tolist()
+    effective = [
+        g + REFLECTED_SUFFIX if (c and params.decoupled) else g for g, c in zip(group_ids, flags)
+    ]
+    stats = _group_stats(rewards, effective, params.eps)
+
+    n_constructed = stats.count.new_zeros(stats.count.shape).index_add(
+        0, stats.index, is_constructed.to(torch.float64)
+    )
+    reflected = n_constructed == stats.count
+    singleton = reflected & (stats.count == 1)
+    advantages = torch.where(
+        singleton[stats.index], rewards.detach().to(torch.float64), stats.normalised
+    )
+    return AdvantageOutput(
+        advantages=advantages.to(rewards.dtype),
+        group_ids=effective,
+        metrics={
+            "adv/zero_std_group_frac": _zero_std_frac(stats),
+            "adv/num_groups": float(stats.constant.numel()),
+            "tapo/reflected_groups": float(reflected.sum().item()),
+            "tapo/reflected_singletons": float(singleton.sum().item()),
+            "tapo/reflected_zero_std_groups": float(
+                (reflected & ~singleton & stats.constant).sum().item()
+            ),
+            "tapo/constructed_samples": float(is_constructed.sum().item()),
+        },
+    )

@@ -1,0 +1,158 @@
+"""Turning per-token losses into the step's scalar loss, invariant to how the step is split.
+
+The loss of an optimizer step is L = sum_p part_scale[p] * mean_p, where part 0 holds the
+original samples and part 1 the constructed ones (part_scale = [1, lambda] gives TAPO's
+L_GRPO + lambda * L_ref). A "mean" divides by a count over the WHOLE step, so each token
+gets a fixed coefficient computed from global counts, and the step loss is a plain sum of
+coefficient-weighted per-token losses. Sums can be split across micro-batches and ranks in
+any way without changing the result, which a per-micro-batch mean cannot.
+
+Trainer protocol:
+  1. Before the first backward of a step, sum :func:`local_counts` over all of this rank's
+     micro-batches and all-reduce (SUM) the result over data-parallel ranks
+     (:meth:`GlobalCounts.as_tensor` / :meth:`GlobalCounts.from_tensor` make it one call).
+  2. For each micro-batch: coef = token_coefficients(...), loss = micro_batch_loss(...),
+     engine.backward(loss * deepspeed_loss_scale(gas, world_size)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .registry import Registry
+
+ORIGINAL_PART = 0
+CONSTRUCTED_PART = 1
+NUM_PARTS = 2
+
+
+@dataclass
+class GlobalCounts:
+    """Counts per part: sequences with at least one valid token, and valid tokens."""
+
+    seqs: Tensor  # [P] int64
+    tokens: Tensor  # [P] int64
+
+    def __add__(self, other: "GlobalCounts") -> "GlobalCounts":
+        return GlobalCounts(seqs=self.seqs + other.seqs, tokens=self.tokens + other.tokens)
+
+    def __radd__(self, other: object) -> "GlobalCounts":
+        # Lets builtin sum() start from its default 0.
+        if isinstance(other, int) and other == 0:
+            return self
+        return NotImplemented
+
+    def as_tensor(self) -> Tensor:
+        """[2, P] int64, to all-reduce both counts in one collective."""
+        return torch.stack([self.seqs, self.tokens])
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> "GlobalCounts":
+        return cls(seqs=t[0], tokens=t[1])
+
+    @classmethod
+    def zeros(
+        cls, num_parts: int = NUM_PARTS, device: torch.device | str | None = None
+    ) -> "GlobalCounts":
+        z = torch.zeros(num_parts, dtype=torch.long, device=device)
+        return cls(seqs=z, tokens=z.clone())
+
+
+def local_counts(mask: Tensor, part: Tensor, num_parts: int = NUM_PARTS) -> GlobalCounts:
+    """Counts of one micro-batch; mask [B, T], part [B] long in [0, num_parts)."""
+    lengths = mask.bool().sum(-1)
+    part = part.to(device=mask.device, dtype=torch.long)
+    zeros = torch.zeros(num_parts, dtype=torch.long, device=mask.device)
+    # Empty sequences carry no loss, so counting them would only dilute the mean.
+    seqs = zeros.index_add(0, part, (lengths > 0).long())
+    tokens = zeros.index_add(0, part, lengths)
+    return GlobalCounts(seqs=seqs, tokens=tokens)
+
+
+AggregationFn = Callable[[Tensor, Tensor, Tensor, GlobalCounts], Tensor]
+
+_AGGREGATIONS: Registry[AggregationFn] = Registry("loss aggregation")
+
+
+def register_aggregation(name: str) -> Callable[[AggregationFn], AggregationFn]:
+    return _AGGREGATIONS.register(name)
+
+
+def aggregation_names() -> list[str]:
+    return _AGGREGATIONS.names()
+
+
+def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    # A part with no sequences (or an empty sequence) contributes nothing rather than NaN.
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), 0.0)
+
+
+@register_aggregation("seq-mean-token-mean")
+def _seq_mean_token_mean(
+    mask: Tensor, part: Tensor, part_scale: Tensor, counts: GlobalCounts
+) -> Tensor:
+    """coef = scale[p] / (n_seqs[p] * T_i): each sequence's token mean, averaged per part."""
+    lengths = mask.sum(-1)
+    denominator = counts.seqs.to(mask.dtype)[part] * lengths
+    return _safe_divide(part_scale[part], denominator).unsqueeze(-1) * mask
+
+
+@register_aggregation("token-mean")
+def _token_mean(mask: Tensor, part: Tensor, part_scale: Tensor, counts: GlobalCounts) -> Tensor:
+    """coef = scale[p] / n_tokens[p]: every token of a part weighs the same."""
+    denominator = counts.tokens.to(mask.dtype)[part]
+    return _safe_divide(part_scale[part], denominator).unsqueeze(-1) * mask
+
+
+def token_coefficients(
+    mask: Tensor,
+    part: Tensor,
+    part_scale: Tensor,
+    counts: GlobalCounts,
+    mode: str = "seq-mean-token-mean",
+) -> Tensor:
+    """[B, T] coefficients in part_scale's dtype on mask's device; 0 on padding.
+
+    ``counts`` must be the global counts of the whole optimizer step (all micro-batches,
+    all ranks); with those, summing :func:`micro_batch_loss` over the step gives
+    L = sum_p part_scale[p] * mean_p exactly.
+    """
+    aggregate = _AGGREGATIONS.get(mode)
+    if not part_scale.is_floating_point():
+        raise ValueError("part_scale must be a floating-point tensor")
+    if part_scale.numel() != counts.seqs.numel():
+        raise ValueError(
+            f"part_scale has {part_scale.numel()} parts but counts have {counts.seqs.numel()}"
+        )
+    # The mask's device wins: part_scale is typically built on the CPU from the config.
+    device = mask.device
+    part_scale = part_scale.to(device)
+    mask_f = mask.to(dtype=part_scale.dtype)
+    part = part.to(device=device, dtype=torch.long)
+    counts = GlobalCounts(seqs=counts.seqs.to(device), tokens=counts.tokens.to(device))
+    return aggregate(mask_f, part, part_scale, counts)
+
+
+def micro_batch_loss(per_token_loss: Tensor, coefficients: Tensor) -> Tensor:
+    """This micro-batch's share of the step loss; shares add up to the step loss exactly.
+
+    DeepSpeed does its own averaging on top: ``engine.backward`` divides the loss by the
+    configured gradient_accumulation_steps, and gradients are averaged (not summed) over
+    data-parallel ranks. So the trainer passes
+    ``micro_batch_loss(...) * deepspeed_loss_scale(gas, world_size)`` to
+    ``engine.backward``, with gas = ``engine.gradient_accumulation_steps()`` (the configured
+    value DeepSpeed divides by, even if a rank runs a different number of micro-batches)
+    and world_size = the data-parallel world size. Log the unscaled value.
+    """
+    return (per_token_loss * coefficients.to(per_token_loss.dtype)).sum()
+
+
+def deepspeed_loss_scale(grad_accum_steps: int, world_size: int) -> float:
+    """The factor that undoes DeepSpeed's 1/GAS loss scaling and 1/world_size grad averaging."""
+    if grad_accum_steps < 1 or world_size < 1:
+        raise ValueError("grad_accum_steps and world_size must be >= 1")
+    return float(grad_accum_steps * world_size)

@@ -1,0 +1,65 @@
+"""The one training loop, shared by SFT and RL: step, log, checkpoint, export."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tapo_ds import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """What a checkpoint must hold besides the weights to continue a run exactly."""
+    step: int
+    sampler: object  # has state_dict()/load_state_dict()
+    extra: Callable[[], dict] | None = None  # more client state (e.g. rollout RNG)
+    restore_extra: Callable[[dict], None] | None = None
+
+
+def run_loop(*, step_fn: Callable[[int], dict], state: LoopState, total_steps: int, engine, tokenizer,
+             monitor, run_dir: Path, ckpt_every: int, keep_last: int, export_hf: bool, rank: int,
+             bar_fields: tuple[str, ...] = ()) -> dict:
+    """Run steps ``state.step + 1 .. total_steps``; returns the last step's metrics."""
+    ckpt_dir = run_dir / "checkpoints"
+    metrics: dict = {}
+    for step in range(state.step + 1, total_steps + 1):
+        metrics = step_fn(step)
+        for key, value in metrics.items():
+            if isinstance(value, float) and not math.isfinite(value) and key.startswith("actor/pg_loss"):
+                raise FloatingPointError(f"step {step}: {key} is {value}; stopping before the weights degrade")
+        monitor.scalars(metrics, step)
+        monitor.progress({k.split("/")[-1]: metrics[k] for k in bar_fields if k in metrics})
+        state.step = step
+        if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
+            save(engine, state, ckpt_dir, keep_last, rank)
+    if export_hf:
+        out = checkpoint.export(engine, tokenizer, run_dir / "hf", rank)
+        if out is not None:
+            monitor.message(f"HF export: {out}")
+    return metrics
+
+
+def save(engine, state: LoopState, ckpt_dir: Path, keep_last: int, rank: int) -> None:
+    client = {"step": state.step, "sampler": state.sampler.state_dict(), "rng": checkpoint.rng_state()}
+    if state.extra is not None:
+        client["extra"] = state.extra()
+    checkpoint.save(engine, ckpt_dir, state.step, client, keep_last, rank)
+
+
+def resume(engine, state: LoopState, resume_arg: str | None, run_dir: Path, monitor) -> None:
+    where = checkpoint.resolve_resume(resume_arg, run_dir / "checkpoints")
+    if where is None:
+        return
+    client = checkpoint.load(engine, where)
+    state.step = int(client["step"])
+    state.sampler.load_state_dict(client["sampler"])
+    checkpoint.set_rng_state(client["rng"])
+    if state.restore_extra is not None and "extra" in client:
+        state.restore_extra(client["extra"])
+    monitor.message(f"resumed from {where[0] / where[1]} at step {state.step}")

@@ -1,0 +1,147 @@
+"""Models and tokenizers: hub/local loading, the tiny-model factory, HF export.
+
+This is the only module that calls ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import string
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+log = logging.getLogger(__name__)
+
+# Qwen-style ChatML: the tiny model speaks the same template as Qwen3, so prompts,
+# EOS handling and template kwargs are exercised exactly as with the real model.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Multi-character tokens for the phrases every math answer and construction repeats; they
+# keep sequences short enough for a laptop-sized model to learn the format.
+TINY_PHRASE_TOKENS = [
+    "\\boxed{", "Final Answer: ", "<analysis>", "</analysis>", "<reconstruction>",
+    "</reconstruction>", "Wait, let me double-check", "Step ",
+]
+TINY_CHARS = string.printable  # digits, letters, punctuation, whitespace
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer with a few phrase tokens, built offline."""
+    vocab: dict[str, int] = {}
+    for tok in TINY_SPECIAL_TOKENS + ["<unk>"] + TINY_PHRASE_TOKENS + list(TINY_CHARS):
+        vocab.setdefault(tok, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    # Phrase tokens match before the per-character split; not special, so decode keeps them.
+    tok.add_tokens(TINY_PHRASE_TOKENS)
+    tok.chat_template = CHATML_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def build_tiny_model_and_tokenizer(seed: int = 0, **overrides):
+    """A randomly initialised Qwen3 causal LM and its tokenizer, for the quickstart and tests."""
+    tokenizer = build_tiny_tokenizer()
+    cfg = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    declared = _declared_tokenizer_class(path)
+    if declared in _GENERIC_TOKENIZER_CLASSES and type(tok).__name__ not in _GENERIC_TOKENIZER_CLASSES:
+        # transformers forces e.g. Qwen2Tokenizer on model_type=qwen2 folders, which rebuilds
+        # the pre-tokenizer and re-tokenizes a custom tokenizer.json differently: trust the file.
+        log.warning("AutoTokenizer gave %s for %s, whose tokenizer_config declares %s; using the latter",
+                    type(tok).__name__, path, declared)
+        tok = TokenizersBackend.from_pretrained(path)
+    if tok.pad_token is None:
+        # Qwen3 ships a pad token; others (Llama) do not: reuse EOS, masks keep it harmless.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _declared_tokenizer_class(path: str) -> str | None:
+    cfg = Path(path) / "tokenizer_config.json"
+    if not cfg.is_file():
+        return None  # a hub id: AutoTokenizer's choice is the published one
+    return json.loads(cfg.read_text()).get("tokenizer_class")
+
+
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load a causal LM from a hub id or local folder (inside zero.Init when the caller set it up)."""
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+    )
+
+
+def model_factory(config):
+    """Build an empty, un-hooked model of the same architecture (for the rollout's copy)."""
+    return lambda: AutoModelForCausalLM.from_config(config)
+
+
+def stop_token_ids(tokenizer, model_config=None) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS plus the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(model_config, "eos_token_id", None) if model_config is not None else None
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    # Chat models end an assistant turn with <|im_end|> even when EOS is <|endoftext|>.
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    if im_end is not None:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike,
+              state_dict: dict | None = None) -> Path:
+    """Write ``save_pretrained`` + tokenizer so lm-eval and ``from_pretrained`` read it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,146 @@
+"""Stages (``stage:`` in the config): build the pieces from the config and run the loop.
+
+This is the one place that reads the whole config; everything it calls gets plain values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from deepspeed.runtime.rollout.base import SamplingConfig
+
+from tapo_ds import engine as eng
+from tapo_ds import modeling
+from tapo_ds.algorithms import AdvantageParams, PolicyLossParams
+from tapo_ds.config import Config, save_config
+from tapo_ds.data import EpochSampler, load_examples, prepare
+from tapo_ds.loop import LoopState, resume, run_loop
+from tapo_ds.monitor import Monitor
+from tapo_ds.reward import GradingPool
+from tapo_ds.rollout import TapoRollout
+from tapo_ds.trainer import RLSettings, RLTrainer
+from tapo_ds.update import LossSettings
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: Config, ds_config: dict):
+    """Policy model and tokenizer; real checkpoints load partitioned under ZeRO-3."""
+    if cfg.model.path == "tiny":
+        return modeling.build_tiny_model_and_tokenizer(seed=cfg.seed, **cfg.model.tiny_overrides)
+    tokenizer = modeling.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    with eng.zero_init_context(ds_config) as _keep_alive:  # noqa: F841 (must outlive from_pretrained)
+        model = modeling.load_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+    return model, tokenizer
+
+
+def setup_engine(cfg: Config, world_size: int, micro_batch_size: int):
+    ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=micro_batch_size,
+                                   world_size=world_size, grad_clip=cfg.optimizer.grad_clip,
+                                   hybrid_engine=cfg.deepspeed.hybrid_engine, dtype=cfg.model.dtype)
+    model, tokenizer = build_model(cfg, ds_config)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    o = cfg.optimizer
+    lr_fn = eng.lr_lambda(o.schedule, o.warmup_steps, cfg.total_steps, o.decay_start, o.min_lr_ratio)
+    engine, info = eng.build_engine(model, ds_config, lr=o.lr, betas=o.betas, eps=o.eps,
+                                    weight_decay=o.weight_decay, lr_fn=lr_fn,
+                                    model_type=model.config.model_type)
+    return engine, info, tokenizer, ds_config
+
+
+def _prepare_run_dir(cfg: Config, rank: int) -> Path:
+    run_dir = cfg.run_dir
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def run_rl(cfg: Config, resume_arg: str | None) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.rollout.questions_per_step % world:
+        raise ValueError(f"rollout.questions_per_step: {cfg.rollout.questions_per_step} is not divisible by "
+                         f"the {world} ranks")
+    engine, info, tokenizer, _ = setup_engine(cfg, world, cfg.algorithm.micro_batch_size)
+    run_dir = _prepare_run_dir(cfg, info.rank)
+    d = cfg.data
+    examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
+    train, too_long = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
+                              d.max_prompt_tokens)
+    monitor = Monitor(run_dir, enabled=info.rank == 0, tensorboard=cfg.logging.tensorboard,
+                      progress_bar=cfg.logging.progress_bar, total_steps=cfg.total_steps, desc=cfg.name)
+    monitor.message(f"{cfg.name}: {len(train)} training questions ({too_long} over the prompt budget dropped), "
+                    f"{info.world_size} rank(s), ZeRO stage {info.zero_stage}, algorithm {cfg.algorithm.name}")
+    sampler = EpochSampler(len(train), cfg.seed, d.shuffle)
+    state = LoopState(step=0, sampler=sampler)
+    resume(engine, state, resume_arg, run_dir, monitor)
+    if monitor.bar is not None:
+        monitor.bar.n = state.step
+
+    rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
+                          tokenizer.pad_token_id, seed=cfg.seed, gather=cfg.rollout.gather,
+                          module_factory=modeling.model_factory(engine.module.config))
+    r, a = cfg.rollout, cfg.algorithm
+    sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k, n_samples_per_prompt=r.samples_per_question)
+    lam = cfg.tapo.lam if a.name == "tapo" else 0.0
+    settings = RLSettings(
+        questions_per_step=r.questions_per_step, samples_per_question=r.samples_per_question,
+        sampling=sampling, advantage=a.name,
+        advantage_params=AdvantageParams(eps=a.adv_eps, decoupled=cfg.tapo.decoupled_advantages),
+        loss=LossSettings(policy_loss=a.policy_loss, clip=PolicyLossParams(a.clip_low, a.clip_high),
+                          agg_mode=a.loss_agg, part_scale=(1.0, lam), kl_coef=a.kl_coef,
+                          kl_estimator=a.kl_estimator),
+        ppo_epochs=a.ppo_epochs, mini_batches=a.mini_batches, micro_batch_size=a.micro_batch_size,
+        text_every=cfg.logging.text_every, text_samples=cfg.logging.text_samples, seed=cfg.seed)
+    constructor = build_constructor(cfg, tokenizer, rollout, info, monitor) if a.name == "tapo" else None
+    ref_engine = build_reference(cfg, info) if (a.kl_coef > 0 or a.log_kl_to_init) else None
+
+    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
+        if constructor is not None:
+            constructor.grader = grader
+        trainer = RLTrainer(settings=settings, engine=engine, info=info, tokenizer=tokenizer, rollout=rollout,
+                            grader=grader, monitor=monitor, train_data=train, sampler=sampler,
+                            constructor=constructor, ref_engine=ref_engine)
+        try:
+            metrics = run_loop(step_fn=trainer.step, state=state, total_steps=cfg.total_steps, engine=engine,
+                               tokenizer=tokenizer, monitor=monitor, run_dir=run_dir,
+                               ckpt_every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last,
+                               export_hf=cfg.checkpoint.export_hf, rank=info.rank,
+                               bar_fields=("rollout/reward_mean", "timing/step"))
+        finally:
+            monitor.close()
+    return metrics
+
+
+def build_constructor(cfg: Config, tokenizer, rollout, info, monitor):
+    from tapo_ds.construct import Constructor
+
+    return Constructor.from_config(cfg, tokenizer, rollout, info, monitor)
+
+
+def build_reference(cfg: Config, info):
+    """A frozen copy of the initial policy for the KL term (same loading path, no optimizer)."""
+    import deepspeed
+
+    ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=cfg.algorithm.micro_batch_size,
+                                   world_size=info.world_size, grad_clip=0.0, hybrid_engine=False,
+                                   dtype=cfg.model.dtype)
+    model, _ = build_model(cfg, ds_config)
+    model.eval().requires_grad_(False)
+    ref, *_ = deepspeed.initialize(model=model, config=ds_config)
+    return ref
+
+
+STAGES = {"rl": run_rl}
+
+
+def run_stage(cfg: Config, resume_arg: str | None) -> dict:
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    torch.manual_seed(cfg.seed)
+    return STAGES[cfg.stage](cfg, resume_arg)
