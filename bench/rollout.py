@@ -44,17 +44,30 @@ def parse_args():
     p.add_argument("--world", type=int, default=1, help="ranks (2 re-launches through the deepspeed launcher)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per rank")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (K)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--stop-prob", type=float, default=0.02, help="target per-token P(stop)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="128 (1 rank), 64 (2 ranks)")
+    p.add_argument("--repeats", type=int, default=None, help="3 (1 rank), 2 (2 ranks)")
+    p.add_argument("--stop-prob", type=float, default=None,
+                   help="target per-token P(stop): 0.02 (1 rank), 0.04 (2 ranks); mean length ~36 %% of max")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--gather", default="once", choices=["once", "per_step"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ablation", action="store_true", help="skip the tapo_keep_rows variant")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
-    return p.parse_args()
+    args = p.parse_args()
+    # 2 ranks share 2 cores and the hybrid engine all-gathers over gloo at every decode
+    # step (~4x slower per token than 1 rank), so halve the budget to stay within ~3 min;
+    # the doubled stop probability keeps the same mean/max length ratio.
+    one = args.world == 1
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 128 if one else 64
+    if args.repeats is None:
+        args.repeats = 3 if one else 2
+    if args.stop_prob is None:
+        args.stop_prob = 0.02 * 128 / args.max_new_tokens
+    return args
 
 
 def free_port() -> int:
@@ -133,22 +146,43 @@ def main():
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5),
                                       config=ds_config)
     tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=STOP)  # all HybridEngineRollout reads
-    hybrid = HybridEngineRollout(engine, tokenizer)
-    tapo = TapoRollout(engine, tokenizer, stop_token_ids=[STOP], pad_token_id=PAD, seed=args.seed,
-                       gather=args.gather, module_factory=lambda: build_model(args))
     request = RolloutRequest(ids, mask)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0,
                               n_samples_per_prompt=args.samples)
-    log(f"model: Qwen2 random init, {n_params / 1e6:.1f}M params, hidden {args.hidden}, {args.layers} layers, "
-        f"vocab {args.vocab}, fp32, ZeRO-3, {world} rank(s), {torch.get_num_threads()} thread(s)/rank")
-    log(f"workload/rank: {args.prompts} prompts (16-48 tokens, left-padded) x {args.samples} samples, "
-        f"max_new_tokens {args.max_new_tokens}, temperature 1.0; tapo gather={args.gather}")
-    log(f"realistic lengths: lm_head bias {bias:+.2f} on the stop token -> P(stop) ~ {args.stop_prob}/token")
+    hybrid = HybridEngineRollout(engine, tokenizer)  # default settings: HF generate to max_new_tokens
 
-    def timed(fn):
+    def tapo_rollout(**kw):
+        return TapoRollout(engine, tokenizer, stop_token_ids=[STOP], pad_token_id=PAD, seed=args.seed,
+                           gather=args.gather, module_factory=lambda: build_model(args), **kw)
+
+    def hybrid_fn(step, sampling):
+        out = hybrid.generate(request, sampling)
+        return int(out.attention_mask[:, ids.shape[1]:].sum()), out.batch_size
+
+    def tapo_fn(roll):
+        def fn(step, sampling):
+            roll.sync_weights(step)  # the gather is part of the rollout phase's cost
+            out = roll.generate(request, sampling)
+            return int(out.response_lengths.sum()), out.batch_size
+        return fn
+
+    # tapo_keep_rows: same engine, gather and early stop, but never drops finished rows
+    # (an ablation: what row dropping itself is worth here).
+    variants = {"hybrid_engine": hybrid_fn, "tapo": tapo_fn(tapo_rollout()),
+                "tapo_keep_rows": tapo_fn(tapo_rollout(compact_fraction=float("inf")))}
+    if args.no_ablation:
+        del variants["tapo_keep_rows"]
+    log(f"model: Qwen2 random init, {n_params / 1e6:.1f}M params, hidden {args.hidden}, {args.layers} layers, "
+        f"vocab {args.vocab}, fp32, ZeRO-3 (hybrid_engine.enabled false), {world} rank(s), "
+        f"{torch.get_num_threads()} thread(s)/rank")
+    log(f"workload/rank: {args.prompts} prompts (16-48 random tokens, left-padded) x {args.samples} samples, "
+        f"max_new_tokens {args.max_new_tokens}, temperature 1.0; tapo gather={args.gather}")
+    log(f"realistic lengths: lm_head bias {bias:+.2f} on the stop token -> P(stop) ~ {args.stop_prob:.3f}/token")
+
+    def timed(fn, step):
         dist.barrier()
         t0 = time.perf_counter()
-        useful, rows = fn()
+        useful, rows = fn(step, sampling)
         wall = time.perf_counter() - t0
         # A phase lasts as long as its slowest rank; useful tokens add up across ranks.
         t = torch.tensor([wall, useful, rows], dtype=torch.float64)
@@ -157,33 +191,27 @@ def main():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t[1]) / float(w[0]), float(t[1]) / float(t[2]), float(w[0])
 
-    def run_hybrid():
-        out = hybrid.generate(request, sampling)
-        return int(out.attention_mask[:, ids.shape[1]:].sum()), out.batch_size
-
-    def run_tapo(step):
-        tapo.sync_weights(step)  # the gather is part of the rollout phase's cost
-        out = tapo.generate(request, sampling)
-        return int(out.response_lengths.sum()), out.batch_size
-
-    # Warm-up (allocator, first-call paths), not timed.
+    # Warm-up (allocator, first-call paths, the inference copy's construction), not timed.
     warm = SamplingConfig(max_new_tokens=4, temperature=1.0, n_samples_per_prompt=args.samples)
-    hybrid.generate(request, warm)
-    tapo.sync_weights(-1)
-    tapo.generate(request, warm)
+    for fn in variants.values():
+        fn(-1, warm)
 
-    res = {"hybrid_engine": [], "tapo": []}
+    res = {k: [] for k in variants}
     for r in range(args.repeats):
         torch.manual_seed(args.seed + r)  # HF generate samples from the global RNG
-        order = [("hybrid_engine", run_hybrid), ("tapo", lambda: run_tapo(r))]
+        order = list(variants.items())
         for name, fn in (order if r % 2 == 0 else order[::-1]):  # alternate to cancel drift
-            tps, mean_len, wall = timed(fn)
+            tps, mean_len, wall = timed(fn, r)
             res[name].append((tps, mean_len, wall))
-            log(f"  repeat {r} {name:13s} useful tok/s {tps:8.1f}  mean length {mean_len:5.1f}  wall {wall:6.2f}s")
+            log(f"  repeat {r} {name:14s} useful tok/s {tps:8.1f}  mean length {mean_len:5.1f}  wall {wall:6.2f}s")
     med = {k: statistics.median(x[0] for x in v) for k, v in res.items()}
     for k, v in res.items():
-        log(f"median {k:13s} useful tok/s {med[k]:8.1f}  mean length "
-            f"{statistics.mean(x[1] for x in v):5.1f} / {args.max_new_tokens}  wall {statistics.median(x[2] for x in v):.2f}s")
+        log(f"median {k:14s} useful tok/s {med[k]:8.1f}  mean length "
+            f"{statistics.mean(x[1] for x in v):5.1f} / {args.max_new_tokens}  "
+            f"wall {statistics.median(x[2] for x in v):.2f}s")
+    if "tapo_keep_rows" in med:
+        log(f"ratio (tapo_keep_rows / hybrid_engine): {med['tapo_keep_rows'] / med['hybrid_engine']:.2f}  "
+            f"(row dropping alone: tapo / tapo_keep_rows {med['tapo'] / med['tapo_keep_rows']:.2f})")
     log(f"bench wall time {time.perf_counter() - T_START:.0f}s (startup, warm-up and {args.repeats} repeats)")
     log(f"ratio (tapo / hybrid_engine useful tok/s): {med['tapo'] / med['hybrid_engine']:.2f}", flush=True)
 

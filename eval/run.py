@@ -96,9 +96,10 @@ def build_lm(model: str, model_args: str, batch_size: str, device: str | None, c
     return lm, model_args
 
 
-def run_once(lm, manager, tasks: list[str], n: int, seed: int, gen_kwargs: dict, limit, chat: bool) -> dict:
-    """One lm-eval run of `tasks` with `n` samples per problem; returns
-    {task: {"metrics": {name: value}, "problems": int, "generation_kwargs": dict}}."""
+def run_once(lm, manager, tasks: list[str], n: int, seed: int, gen_kwargs: dict, limit, chat: bool):
+    """One lm-eval run of `tasks` (a group stands for its tasks) with `n` samples per
+    problem; returns {task: {"metrics": {name: value}, "problems": int,
+    "generation_kwargs": dict}}."""
     import lm_eval
 
     loaded = manager.load(tasks)["tasks"]
@@ -119,7 +120,7 @@ def run_once(lm, manager, tasks: list[str], n: int, seed: int, gen_kwargs: dict,
         fewshot_random_seed=seed,
     )
     per_task = {}
-    for name in tasks:
+    for name in loaded:
         row = out["results"][name]
         per_task[name] = {
             "metrics": {
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("run with seed %d: %s, n=%d", seed, ",".join(tasks), args.n)
         runs.append(run_once(lm, manager, tasks, args.n, seed, gen_kwargs, args.limit, chat))
 
-    effective = runs[0][tasks[0]]["generation_kwargs"]
+    effective = next(iter(runs[0].values()))["generation_kwargs"]
     protocol = {
         "model": args.model,
         "model_args": model_args,

@@ -65,7 +65,6 @@ class RolloutConfig:
     top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
     top_k: int = -1
     gather: Literal["once", "per_step"] = "once"
-    max_batch_size: int = _f(0, lo=0, doc="rows decoded at once (0 = all)")
 
 
 @dataclass
@@ -104,6 +103,21 @@ class TapoConfig:
     top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
     examples_every: int = _f(10, lo=0, doc="log full constructions as text every N steps")
     examples: int = _f(2, lo=0)
+
+
+@dataclass
+class EvaluationConfig:
+    """In-training evaluation on held-out problems (the protocol of TAPO.md §6 by default)."""
+    every: int = _f(0, lo=0, doc="steps between evaluations (0 = off)")
+    at_start: bool = False
+    files: dict = _f(factory=dict, doc="name -> jsonl/parquet file or hub dataset (data.*_field names)")
+    limit: int = _f(0, lo=0, doc="first N problems of each set (0 = all)")
+    samples: int = _f(5, lo=1, doc="n samples per problem")
+    ks: list = _f(factory=lambda: [1, 2, 3, 4, 5])
+    temperature: float = _f(0.6, lo=0.0)
+    top_p: float = _f(0.9, lo=0.0, hi=1.0, lo_open=True)
+    max_new_tokens: int = _f(2048, lo=1)
+    batch_questions: int = _f(8, lo=1, doc="problems per generate call per rank")
 
 
 @dataclass
@@ -170,6 +184,7 @@ class Config:
     algorithm: AlgorithmConfig = _f(factory=AlgorithmConfig)
     tapo: TapoConfig = _f(factory=TapoConfig)
     reward: RewardConfig = _f(factory=RewardConfig)
+    evaluation: EvaluationConfig = _f(factory=EvaluationConfig)
     optimizer: OptimizerConfig = _f(factory=OptimizerConfig)
     deepspeed: DeepSpeedConfig = _f(factory=DeepSpeedConfig)
     logging: LoggingConfig = _f(factory=LoggingConfig)
@@ -329,7 +344,7 @@ def _check_range(meta, value, path):
 
 def _check_cross_fields(cfg: Config) -> None:
     t = cfg.tapo
-    if t.n_pos + t.n_neg > cfg.rollout.samples_per_question:
+    if cfg.algorithm.name == "tapo" and t.n_pos + t.n_neg > cfg.rollout.samples_per_question:
         raise ConfigError(
             f"tapo.n_pos + tapo.n_neg: {t.n_pos} + {t.n_neg} exceeds rollout.samples_per_question "
             f"= {cfg.rollout.samples_per_question}, so no question could ever be selected")
@@ -341,5 +356,9 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError("data.train_files: expected at least one file or hub dataset for stage rl")
     if cfg.stage == "sft" and not cfg.sft.train_files:
         raise ConfigError("sft.train_files: expected at least one jsonl file for stage sft")
+    bad_ks = [k for k in cfg.evaluation.ks if not isinstance(k, int) or not 1 <= k <= cfg.evaluation.samples]
+    if bad_ks:
+        raise ConfigError(f"evaluation.ks: {bad_ks} must be integers in 1..evaluation.samples "
+                          f"= {cfg.evaluation.samples}")
     if "{problem}" not in cfg.data.prompt_template:
         raise ConfigError("data.prompt_template: must contain the {problem} placeholder")

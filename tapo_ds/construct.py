@@ -84,8 +84,10 @@ class Constructor:
         outputs = self._generate([prompt_cache[p] for p in reqs.prompts])
         parsed = parse_outputs(reqs, outputs)
         answers = [out.questions[p.group].example.answer for p in parsed.pairs]
-        graded = self.grader.grade([(c.reconstruction, a) for c, a in zip(parsed.items, answers)]) \
-            if parsed.items else None
+        graded = None
+        if parsed.items:
+            graded = self.grader.grade([(c.reconstruction, a) for c, a in zip(parsed.items, answers)],
+                                       require_box=True)
         rewards = [float(ok) for ok in graded.correct] if graded else []
         result = assemble(
             parsed, rewards, prompt_ids=[q.prompt_ids for q in out.questions], texts=out.texts,

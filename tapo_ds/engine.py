@@ -127,7 +127,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, betas, e
     on_cuda = get_accelerator().device_name() == "cuda"
     want_hybrid = ds_config.get("hybrid_engine", {}).get("enabled", False)
     hybrid, reason = hybrid_engine_support(model_type, on_cuda) if want_hybrid else (False, "disabled in config")
-    if want_hybrid and not hybrid:
+    if want_hybrid and not hybrid and int(os.environ.get("RANK", "0")) == 0:
         log.warning("hybrid engine off: %s; rollouts use tapo-ds's own decode loop", reason)
     ds_config = dict(ds_config, hybrid_engine=dict(ds_config.get("hybrid_engine", {}), enabled=hybrid))
 

@@ -5,10 +5,11 @@ mathematically equivalent to the gold answer according to math-verify, else 0.
 
 Grading runs in separate worker processes because math-verify (sympy underneath) can
 take unbounded time or memory on adversarial answers: ``\\boxed{9^{9^{9^9}}}`` makes
-sympy compute a multi-million-digit integer inside CPython's C code, and a few hundred
-nested braces make the LaTeX parser take seconds. math-verify's own timeout is
-``signal.alarm``, which (a) only works in the main thread and (b) only fires between
-bytecodes, so it cannot stop a long C-level computation. The only reliable bound is to
+sympy compute 9^(9^9), a 370-million-digit integer, inside CPython's C code; a few
+hundred nested braces make the LaTeX parser take seconds, and comparing sets nested
+20 deep takes over 30 s. math-verify's own timeout is ``signal.alarm``, which (a) only
+works in the main thread and (b) only fires between bytecodes, so it cannot stop a long
+C-level computation. The only reliable bound is to
 kill the process, so the parent enforces a hard per-answer timeout, kills and respawns
 a worker that overruns, and counts the answer as wrong.
 
@@ -82,16 +83,17 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _answer_of(response: str) -> tuple[str | None, bool]:
+def _answer_of(response: str, require_box: bool = False) -> tuple[str | None, bool]:
     """(answer to grade or None, whether the response has a box).
 
     A response that mentions a box command but has no complete box (unclosed) has no
-    answer; a short response with no box command at all is taken as a bare answer.
+    answer; a short response with no box command at all is taken as a bare answer,
+    unless ``require_box`` (the training reward: TAPO.md's last-box rule).
     """
     boxed = last_boxed(response)
     if boxed is not None:
         return boxed, True
-    if any(c in response for c in _BOX_COMMANDS) or len(response) > MAX_BARE_CHARS:
+    if require_box or any(c in response for c in _BOX_COMMANDS) or len(response) > MAX_BARE_CHARS:
         return None, False
     return response, False
 
@@ -241,6 +243,10 @@ class GradingPool:
     (seconds); an overrunning worker is killed and respawned in the background while the
     others keep grading. A pool belongs to the process that created it (not to forked
     children). grade() calls are serialised by a lock.
+
+    As with any ``spawn`` child, each worker re-imports the parent's ``__main__`` module,
+    so the entry script must keep its work under ``if __name__ == "__main__":`` (otherwise
+    the workers die at start-up and grade() raises after MAX_START_FAILURES tries).
     """
 
     def __init__(self, num_workers: int = 2, timeout: float = 5.0) -> None:
@@ -282,8 +288,12 @@ class GradingPool:
             w.stop()
         self._workers = []
 
-    def grade(self, pairs: Sequence[tuple[str, str]], timeout: float | None = None) -> GradeResult:
-        """Grade (response, gold) pairs; ``timeout`` overrides the pool's per-answer limit."""
+    def grade(self, pairs: Sequence[tuple[str, str]], timeout: float | None = None,
+              require_box: bool = False) -> GradeResult:
+        """Grade (response, gold) pairs; ``timeout`` overrides the pool's per-answer limit.
+
+        ``require_box``: a response without a ``\\boxed{}`` is wrong without being parsed
+        (the training reward); otherwise a short one is graded as a bare answer."""
         if self._closed:
             raise RuntimeError("GradingPool is closed")
         if os.getpid() != self._pid:
@@ -292,7 +302,7 @@ class GradingPool:
         result = GradeResult(correct=[False] * len(pairs))
         todo: deque[tuple[int, str, str]] = deque()
         for i, (response, gold) in enumerate(pairs):
-            answer, has_box = _answer_of(str(response))
+            answer, has_box = _answer_of(str(response), require_box)
             result.no_box += not has_box
             if answer is None or not answer.strip():
                 continue  # no answer given: wrong, and not a grading failure

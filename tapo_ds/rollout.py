@@ -273,9 +273,9 @@ class TapoRollout(RolloutEngine):
             elif not running:
                 break
             n_done = int(done.sum())
-            if n_done and n_done >= self.compact_fraction * len(rows):
+            if n_done and n_done >= self.compact_fraction * len(rows) and len(rows) > 1:
                 keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:  # lockstep: this rank is finished, keep one dummy row
+                if keep.numel() == 0:  # lockstep: this rank has finished; step one dummy row
                     keep = keep.new_zeros(1)
                 cache.batch_select_indices(keep)
                 rows, done, token, attn, next_pos = rows[keep], done[keep], token[keep], attn[keep], next_pos[keep]

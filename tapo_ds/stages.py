@@ -84,6 +84,27 @@ def run_rl(cfg: Config, resume_arg: str | None) -> dict:
     rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
                           tokenizer.pad_token_id, seed=cfg.seed, gather=cfg.rollout.gather,
                           module_factory=modeling.model_factory(engine.module.config))
+    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
+        trainer = make_rl_trainer(cfg, engine=engine, info=info, tokenizer=tokenizer, rollout=rollout,
+                                  grader=grader, monitor=monitor, train=train, sampler=sampler)
+        trainer.evaluator = build_evaluator(cfg, tokenizer, rollout, grader, info)
+        if trainer.evaluator is not None and cfg.evaluation.at_start and state.step == 0:
+            start = trainer.evaluator.run(0)
+            monitor.scalars(start, 0)
+            monitor.message("evaluation before training: " + ", ".join(f"{k}={v:.3f}" for k, v in start.items()))
+        try:
+            metrics = run_loop(step_fn=trainer.step, state=state, total_steps=cfg.total_steps, engine=engine,
+                               tokenizer=tokenizer, monitor=monitor, run_dir=run_dir,
+                               ckpt_every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last,
+                               export_hf=cfg.checkpoint.export_hf, rank=info.rank,
+                               bar_fields=("rollout/reward_mean", "timing/step"))
+        finally:
+            monitor.close()
+    return metrics
+
+
+def make_rl_trainer(cfg: Config, *, engine, info, tokenizer, rollout, grader, monitor, train, sampler) -> RLTrainer:
+    """The RL step's pieces from the config; the rollout engine and grader are passed in."""
     r, a = cfg.rollout, cfg.algorithm
     sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, n_samples_per_prompt=r.samples_per_question)
@@ -97,24 +118,32 @@ def run_rl(cfg: Config, resume_arg: str | None) -> dict:
                           kl_estimator=a.kl_estimator),
         ppo_epochs=a.ppo_epochs, mini_batches=a.mini_batches, micro_batch_size=a.micro_batch_size,
         text_every=cfg.logging.text_every, text_samples=cfg.logging.text_samples, seed=cfg.seed)
-    constructor = build_constructor(cfg, tokenizer, rollout, info, monitor) if a.name == "tapo" else None
+    constructor = None
+    if a.name == "tapo":
+        constructor = build_constructor(cfg, tokenizer, rollout, info, monitor)
+        constructor.grader = grader
     ref_engine = build_reference(cfg, info) if (a.kl_coef > 0 or a.log_kl_to_init) else None
+    return RLTrainer(settings=settings, engine=engine, info=info, tokenizer=tokenizer, rollout=rollout,
+                     grader=grader, monitor=monitor, train_data=train, sampler=sampler,
+                     constructor=constructor, ref_engine=ref_engine)
 
-    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
-        if constructor is not None:
-            constructor.grader = grader
-        trainer = RLTrainer(settings=settings, engine=engine, info=info, tokenizer=tokenizer, rollout=rollout,
-                            grader=grader, monitor=monitor, train_data=train, sampler=sampler,
-                            constructor=constructor, ref_engine=ref_engine)
-        try:
-            metrics = run_loop(step_fn=trainer.step, state=state, total_steps=cfg.total_steps, engine=engine,
-                               tokenizer=tokenizer, monitor=monitor, run_dir=run_dir,
-                               ckpt_every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last,
-                               export_hf=cfg.checkpoint.export_hf, rank=info.rank,
-                               bar_fields=("rollout/reward_mean", "timing/step"))
-        finally:
-            monitor.close()
-    return metrics
+
+def build_evaluator(cfg: Config, tokenizer, rollout, grader, info):
+    e, d = cfg.evaluation, cfg.data
+    if not e.files or not (e.every or e.at_start):
+        return None
+    from tapo_ds.evaluation import EvalSettings, Evaluator
+
+    sets = {}
+    for name, src in e.files.items():
+        examples = load_examples([src], d.problem_field, d.answer_field, d.split, e.limit)
+        sets[name], _ = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
+                                d.max_prompt_tokens)
+    sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+                              n_samples_per_prompt=e.samples)
+    return Evaluator(sets, EvalSettings(every=e.every, sampling=sampling, ks=tuple(e.ks),
+                                        batch_questions=e.batch_questions),
+                     rollout=rollout, grader=grader, tokenizer=tokenizer, info=info)
 
 
 def build_constructor(cfg: Config, tokenizer, rollout, info, monitor):

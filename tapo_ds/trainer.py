@@ -71,13 +71,15 @@ class RLSettings:
 
 class RLTrainer:
     def __init__(self, *, settings: RLSettings, engine, info, tokenizer, rollout, grader, monitor,
-                 train_data: Sequence[PromptedExample], sampler, constructor=None, ref_engine=None):
+                 train_data: Sequence[PromptedExample], sampler, constructor=None, ref_engine=None,
+                 evaluator=None):
         self.s = settings
         self.engine, self.info, self.tok = engine, info, tokenizer
         self.rollout, self.grader, self.monitor = rollout, grader, monitor
         self.train_data, self.sampler = train_data, sampler
         self.constructor = constructor  # None for GRPO
         self.ref_engine = ref_engine
+        self.evaluator = evaluator  # None: no in-training evaluation
         self.pad_id = tokenizer.pad_token_id
         self.estimator = get_advantage_estimator(settings.advantage)
 
@@ -110,7 +112,7 @@ class RLTrainer:
 
     def reward_phase(self, out: RolloutOut) -> dict:
         answers = [out.questions[s.question].example.answer for s in out.samples]
-        graded = self.grader.grade(list(zip(out.texts, answers)))
+        graded = self.grader.grade(list(zip(out.texts, answers)), require_box=True)
         for sample, ok in zip(out.samples, graded.correct):
             sample.reward = float(ok)
         groups: dict[str, list[float]] = {}
@@ -133,7 +135,15 @@ class RLTrainer:
         out = self.estimator(rewards, [s.group_id for s in samples], constructed, self.s.advantage_params)
         for s, a in zip(samples, out.advantages.tolist()):
             s.advantage = a
-        return {k: v for k, v in out.metrics.items() if k.startswith(("adv/", "tapo/"))}
+        # Estimator metrics are per rank: counts add up, fractions are weighted by group count.
+        groups = out.metrics.get("adv/num_groups", 0.0)
+        keys = sorted(out.metrics)
+        t = torch.tensor([out.metrics[k] * (groups if k.endswith("_frac") else 1.0) for k in keys],
+                         dtype=torch.float64, device=self.info.device)
+        all_reduce_(t, "sum")
+        total_groups = float(t[keys.index("adv/num_groups")]) if "adv/num_groups" in keys else 0.0
+        return {k: float(v) / total_groups if k.endswith("_frac") and total_groups else float(v)
+                for k, v in zip(keys, t.tolist())}
 
     def update_phase(self, samples: list[Sample], step: int) -> dict:
         mbs, dev = self.s.micro_batch_size, self.info.device
@@ -187,6 +197,9 @@ class RLTrainer:
         metrics["perf/tokens_per_s"] = tokens / max(metrics["timing/rollout"], 1e-9)
         if self.s.text_every and step % self.s.text_every == 0:
             self._log_text(out, step)
+        if self.evaluator is not None and self.evaluator.due(step):
+            with timed("eval", metrics):
+                metrics.update(self.evaluator.run(step))
         return metrics
 
     def _log_text(self, out: RolloutOut, step: int) -> None:

@@ -27,7 +27,7 @@ BASE = {"data": {"train_files": ["x.jsonl"]}}
     ({"algorithm": {"name": "ppo"}}, "algorithm.name: expected one of ['grpo', 'tapo'], got 'ppo'"),
     ({"algorithm": {"clip_low": 1.5}}, "algorithm.clip_low: expected a value <= 1.0, got 1.5"),
     ({"tapo": {"ots": "yes"}}, "tapo.ots: expected true/false, got 'yes'"),
-    ({"tapo": {"n_pos": 5, "n_neg": 4}}, "tapo.n_pos + tapo.n_neg"),
+    ({"algorithm": {"name": "tapo"}, "tapo": {"n_pos": 5, "n_neg": 4}}, "tapo.n_pos + tapo.n_neg"),
     ({"model": 3}, "model: expected a mapping"),
     ({"data": {"train_files": []}}, "data.train_files: expected at least one"),
 ])

@@ -17,6 +17,7 @@ SMALL = [
     "total_steps=2", "rollout.questions_per_step=2", "rollout.samples_per_question=4",
     "rollout.max_new_tokens=12", "algorithm.micro_batch_size=4", "checkpoint.every=1",
     "logging.progress_bar=false", "reward.num_workers=1", "data.limit=16", "torch_threads=1",
+    "tapo.n_pos=1", "tapo.n_neg=1", "tapo.max_new_tokens=16",
 ]
 
 
@@ -87,4 +88,4 @@ def test_config_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "config error: rollout.temprature: unknown key (did you mean 'temperature'?); known: questions_per_step, "
-        "samples_per_question, max_new_tokens, temperature, top_p, top_k, gather, max_batch_size"]
+        "samples_per_question, max_new_tokens, temperature, top_p, top_k, gather"]

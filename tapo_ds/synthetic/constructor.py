@@ -1,0 +1,206 @@
+"""The rule-based constructor of the synthetic task: TAPO's construction step without a model.
+
+Given the problem and a wrong solution text, :func:`diagnose` recomputes every step from
+the problem and finds the first mistake; :func:`construct` writes the construction in
+TAPO's output format (TAPO.md §2 step 4)::
+
+    <analysis>Step 2 is wrong: 12*3 is 36, not 35 (arithmetic error).</analysis><reconstruction>Step 1: 7+5=12
+    Step 2: 12*3=35
+    Wait, let me double-check step 2: 12*3=36.
+    Step 3: 36-4=32
+    Final Answer: \\boxed{32}</reconstruction>
+
+``mode="micro"`` (the paper's construction) keeps the wrong text verbatim up to and
+including the wrong step, adds the reflection, which redoes that step, and continues
+with the correct steps; ``mode="full"`` (the "full reconstruction" ablation) keeps the same
+analysis and writes the correct solution from scratch.
+
+Reading the wrong text (it may come from a model: truncated, with stray lines):
+
+* blank lines are skipped; lines are matched against ``Step k: a op b = r`` (the written
+  step number is not checked, only the computation) and ``Final Answer: ...``;
+* the first step line that differs from the problem's step is the mistake: a wrong
+  starting value (``copy`` at step 1, ``carry`` later), a wrong result for the right
+  operation (``arithmetic``), the next operation of the problem (``skip``), another
+  operator on the right operand (``operator``), another operand with the right operator
+  (``copy``), anything else (``misread``); a step past the problem's last (``extra``);
+* a ``Final Answer`` line before all steps are written is a skipped step (``skip``, named
+  after the first missing step); after all of them, a wrong box is ``final`` (its step is
+  ``len(steps) + 1``); a right box means the solution is right: nothing to construct;
+* any other line, or the end of the text, stops the reading: if every step so far was
+  right, the rest is missing (``incomplete``, or ``final`` when only the answer line is);
+  the stray line is not kept.
+
+The prefix kept is the wrong text itself, cut at the end of the wrong step's line (for a
+missing step, at the end of the last correct step), so the prefix fidelity
+(:func:`tapo_ds.trajectory.prefix_fidelity`) is 1.0 by construction; the wrong text's
+conclusion (its ``Final Answer`` line) is dropped, as in the paper's example.
+
+None (nothing to construct) when the problem cannot be read, when no step line can be
+read before the first stray line, or when the solution is right. Never raises on text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..reward import last_boxed
+from .task import FINAL_RE, Problem, Step, format_final, format_solution, parse_problem, parse_step
+
+REFLECTION = "Wait, let me double-check"
+MODES = ("micro", "full")
+ANALYSIS_STYLES = ("brief", "checked")
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    step: int         # 1-based problem step of the first mistake; len(steps) + 1: the conclusion
+    kind: str         # arithmetic operator carry skip copy misread extra final incomplete
+    message: str      # the one-line diagnosis
+    prefix: str       # the wrong text kept verbatim (up to and including the mistake)
+    reflection: str   # "Wait, let me double-check ..." line, redoing the wrong step
+    resume: int       # gold steps [resume:] follow the reflection
+
+
+def _int_or_none(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def _check(k: int, gold: Step) -> str:
+    return f"{REFLECTION} step {k}: {gold.computation}."
+
+
+def _step_error(k: int, w: Step, g: Step, nxt: tuple[str, int] | None) -> tuple[str, str]:
+    """(kind, message) of a written step ``w`` that differs from the gold step ``g``."""
+    if w.a != g.a:
+        if k == 1:
+            return "copy", f"Step 1 is wrong: the problem starts from {g.a}, not {w.a} (wrong number copied)."
+        return "carry", f"Step {k} is wrong: step {k - 1} gave {g.a}, not {w.a} (wrong value carried)."
+    if (w.op, w.b) == (g.op, g.b):
+        return "arithmetic", f"Step {k} is wrong: {g.a}{g.op}{g.b} is {g.result}, not {w.result} (arithmetic error)."
+    if nxt is not None and (w.op, w.b) == nxt:
+        return "skip", f"Step {k} is wrong: it skips {g.op}{g.b} (skipped step)."
+    said = f"the problem says {g.op}{g.b}, not {w.op}{w.b}"
+    if w.b == g.b:
+        return "operator", f"Step {k} is wrong: {said} (wrong operator)."
+    if w.op == g.op:
+        return "copy", f"Step {k} is wrong: {said} (wrong number copied)."
+    return "misread", f"Step {k} is wrong: {said} (misread step)."
+
+
+def diagnose(question: str, wrong: str) -> Diagnosis | None:
+    """The first mistake of ``wrong`` for the problem in ``question``; None: nothing to construct."""
+    if not isinstance(question, str) or not isinstance(wrong, str):
+        return None
+    problem = parse_problem(question)
+    if problem is None or not problem.ops:
+        return None
+    gold = problem.steps()
+    n = len(gold)
+    done, last_end, pos = 0, 0, 0  # correct steps read; end of the last one's line
+    for line in wrong.splitlines(keepends=True):
+        start, pos = pos, pos + len(line)
+        body = line.rstrip("\r\n")
+        if not body.strip():
+            continue
+        end = start + len(body)
+        written = parse_step(body)
+        if written is not None:
+            k = done + 1
+            if k > n:
+                return Diagnosis(k, "extra", f"Step {k} is wrong: the problem has only {n} steps (extra step).",
+                                 wrong[:end], f"{REFLECTION}: there is no step {k}.", n)
+            g = gold[k - 1]
+            if (written.a, written.op, written.b, written.result) == (g.a, g.op, g.b, g.result):
+                done, last_end = k, end
+                continue
+            nxt = (gold[k].op, gold[k].b) if k < n else None
+            kind, message = _step_error(k, written, g, nxt)
+            return Diagnosis(k, kind, message, wrong[:end], _check(k, g), k)
+        final = FINAL_RE.match(body)
+        if final is None:
+            break  # a stray line: stop reading
+        if done == 0:
+            return None
+        if done < n:
+            k = done + 1
+            g = gold[k - 1]
+            return Diagnosis(k, "skip", f"Step {k} is missing: the solution stops before {g.op}{g.b} (skipped step).",
+                             wrong[:last_end], _check(k, g), k)
+        boxed = last_boxed(final.group(1))
+        value = _int_or_none(final.group(1) if boxed is None else boxed)
+        if value == problem.answer:
+            return None  # the solution is right
+        shown = "no number" if value is None else str(value)
+        return Diagnosis(n + 1, "final",
+                         f"The final answer is wrong: step {n} gives {problem.answer}, not {shown}.",
+                         wrong[:last_end], _check(n, gold[-1]), n)
+    # The end of the text or a stray line, with every step read so far right.
+    if done == 0:
+        return None
+    if done < n:
+        k = done + 1
+        return Diagnosis(k, "incomplete", f"Step {k} is missing: the solution breaks off after step {done} (incomplete).",
+                         wrong[:last_end], _check(k, gold[k - 1]), k)
+    return Diagnosis(n + 1, "final", f"The final answer is missing: step {n} gives {problem.answer}.",
+                     wrong[:last_end], _check(n, gold[-1]), n)
+
+
+def analysis_text(diagnosis: Diagnosis, style: str = "brief") -> str:
+    """``brief``: the diagnosis; ``checked``: "Step 1 ok. Step 2 ok. " before it."""
+    if style == "brief":
+        return diagnosis.message
+    if style == "checked":
+        ok = " ".join(f"Step {i} ok." for i in range(1, diagnosis.step))
+        return f"{ok} {diagnosis.message}" if ok else diagnosis.message
+    raise ValueError(f"analysis style: expected one of {ANALYSIS_STYLES}, got {style!r}")
+
+
+def reconstruction_text(problem: Problem, diagnosis: Diagnosis, mode: str = "micro") -> str:
+    gold = problem.steps()
+    if mode == "full":
+        return format_solution(gold, problem.answer)
+    if mode != "micro":
+        raise ValueError(f"construction mode: expected one of {MODES}, got {mode!r}")
+    lines = [diagnosis.prefix.rstrip(), diagnosis.reflection]
+    lines += [s.text for s in gold[diagnosis.resume:]]
+    lines.append(format_final(problem.answer))
+    return "\n".join(lines)
+
+
+def format_construction(analysis: str, reconstruction: str) -> str:
+    return f"<analysis>{analysis}</analysis><reconstruction>{reconstruction}</reconstruction>"
+
+
+def construct(question: str, wrong: str, right: str | None = None, *, mode: str = "micro",
+              analysis: str = "brief") -> str | None:
+    """The construction for (question, wrong), or None; ``right`` is not needed (rules know the steps)."""
+    if mode not in MODES:
+        raise ValueError(f"construction mode: expected one of {MODES}, got {mode!r}")
+    if analysis not in ANALYSIS_STYLES:
+        raise ValueError(f"analysis style: expected one of {ANALYSIS_STYLES}, got {analysis!r}")
+    diagnosis = diagnose(question, wrong)
+    if diagnosis is None:
+        return None
+    problem = parse_problem(question)
+    return format_construction(analysis_text(diagnosis, analysis),
+                               reconstruction_text(problem, diagnosis, mode))
+
+
+def rule_constructor(mode: str = "micro", analysis: str = "brief") -> Callable[[str, str, str], str | None]:
+    """A constructor callable ``(question, wrong, right) -> str | None`` for the cold-start builder."""
+    if mode not in MODES:
+        raise ValueError(f"construction mode: expected one of {MODES}, got {mode!r}")
+    if analysis not in ANALYSIS_STYLES:
+        raise ValueError(f"analysis style: expected one of {ANALYSIS_STYLES}, got {analysis!r}")
+
+    def constructor(question: str, wrong: str, right: str) -> str | None:
+        return construct(question, wrong, right, mode=mode, analysis=analysis)
+
+    return constructor

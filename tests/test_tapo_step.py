@@ -1,0 +1,109 @@
+"""TAPO's step on the real engine with a scripted policy, so every branch fires."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tapo_ds.config import load_config
+from tapo_ds.data import EpochSampler, load_examples, prepare
+from tapo_ds.engine import init_distributed
+from tapo_ds.monitor import Monitor
+from tapo_ds.reward import GradingPool
+from tapo_ds.scripted import ScriptedRollout
+from tapo_ds.stages import make_rl_trainer, setup_engine
+
+REPO = Path(__file__).resolve().parent.parent
+CONSTRUCTIONS = [
+    # parses and verifies: a positive constructed sample
+    "<analysis>Step 1 used the wrong operator.</analysis><reconstruction>Step 1: {wrong_line}\n"
+    "Wait, let me double-check step 1. Final Answer: \\boxed{{{gold}}}</reconstruction>",
+    "no tags at all",  # unparsable: dropped and counted
+    # parses, wrong answer: kept as a negative (dropped with keep_failed_constructions=false)
+    "<analysis>x</analysis><reconstruction>Step 1: {wrong_line}\nWait, let me double-check. "
+    "Final Answer: \\boxed{{999}}</reconstruction>",
+]
+
+
+class Script:
+    """Question q: samples k < n_right answer right, the rest wrong; constructions cycle the list."""
+
+    def __init__(self, n_right):
+        self.n_right, self.calls = n_right, 0
+
+    def __call__(self, prompt, k):
+        if "<reconstruction>" in prompt:  # a construction prompt
+            text = CONSTRUCTIONS[self.calls % len(CONSTRUCTIONS)]
+            self.calls += 1
+            return text.format(wrong_line="a mistake", gold=self.gold_of(prompt))
+        a, op, b = re.search(r"What is (-?\d+) ([-+*]) (-?\d+)\?", prompt).groups()
+        gold = eval_arith(int(a), op, int(b))
+        return f"Step 1: compute. \\boxed{{{gold if k < self.n_right else gold + 1}}}"
+
+    @staticmethod
+    def gold_of(prompt):
+        a, op, b = re.search(r"What is (-?\d+) ([-+*]) (-?\d+)\?", prompt).groups()
+        return eval_arith(int(a), op, int(b))
+
+
+def eval_arith(a, op, b):
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
+
+
+@pytest.fixture(scope="module")
+def grader():
+    init_distributed()
+    with GradingPool(num_workers=1, timeout=10) as pool:
+        yield pool
+
+
+def one_step(tmp_path, grader, overrides, n_right):
+    base = ["rollout.questions_per_step=2", "rollout.samples_per_question=8", "rollout.max_new_tokens=200",
+            "algorithm.micro_batch_size=6", "tapo.max_new_tokens=400", "data.limit=8", "seed=3",
+            f"output_dir={tmp_path}", "tapo.examples_every=1", "logging.text_every=1"]
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", base + overrides)
+    torch.manual_seed(0)
+    engine, info, tok, _ = setup_engine(cfg, 1, cfg.algorithm.micro_batch_size)
+    ex = load_examples(cfg.data.train_files, "problem", "answer", limit=cfg.data.limit)
+    train, _ = prepare(ex, tok, cfg.data.prompt_template, {}, 256)
+    script = Script(n_right)
+    rollout = ScriptedRollout(tok, script, tok.eos_token_id, tok.pad_token_id)
+    monitor = Monitor(tmp_path, enabled=True, tensorboard=True, progress_bar=False, total_steps=1)
+    trainer = make_rl_trainer(cfg, engine=engine, info=info, tokenizer=tok, rollout=rollout, grader=grader,
+                              monitor=monitor, train=train, sampler=EpochSampler(len(train), cfg.seed))
+    metrics = trainer.step(1)
+    monitor.close()
+    return metrics, script, rollout
+
+
+def test_tapo_step_fires_every_branch(tmp_path, grader):
+    m, script, rollout = one_step(tmp_path, grader, ["algorithm.name=tapo"], n_right=3)
+    # 3 right / 5 wrong per question: both questions selected, m_max=4 pairs each
+    assert m["tapo/selected_frac"] == 1.0 and m["tapo/pairs"] == 8
+    assert script.calls == 8 and rollout.calls == 2  # the rollout, then all constructions in one call
+    # cycle: ok, unparsable, wrong, ok, unparsable, wrong, ok, unparsable -> 5 parsed of 8
+    assert m["tapo/parse_success"] == pytest.approx(5 / 8)
+    assert m["tapo/construction_acc"] == pytest.approx(3 / 5)
+    assert m["tapo/constructed_samples"] == 5 and m["tapo/dropped_failed"] == 0
+    assert m["tapo/reflected_groups"] == 2
+    assert 0.01 <= m["tapo/ots_weight_mean"] <= 10.0
+    assert torch.isfinite(torch.tensor(m["actor/pg_loss"])) and m["actor/grad_norm"] > 0
+    assert "timing/construct" in m
+
+
+def test_negatives_dropped_under_switch(tmp_path, grader):
+    m, _, _ = one_step(tmp_path, grader, ["algorithm.name=tapo", "tapo.keep_failed_constructions=false"], 3)
+    assert m["tapo/constructed_samples"] == 3 and m["tapo/dropped_failed"] == 2
+
+
+def test_grpo_path_unchanged_when_construction_never_fires(tmp_path, grader):
+    """No candidates: TAPO's step is GRPO's, bit for bit."""
+    runs = []
+    for algo in ("grpo", "tapo"):
+        # 1 right / 7 wrong is below n_pos=2: nothing is selected
+        runs.append(one_step(tmp_path / algo, grader, [f"algorithm.name={algo}"], n_right=1)[0])
+    mg, mt = runs
+    assert mt["tapo/pairs"] == 0
+    for key in ("actor/pg_loss", "actor/grad_norm", "rollout/reward_mean"):
+        assert mg[key] == mt[key], key
