@@ -171,9 +171,20 @@ class SFTConfig:
 
 
 @dataclass
+class PrefilterConfig:
+    """``stage: prefilter``: keep the questions of data.train_files the model solves at a pass rate in
+    [low, high] (TAPO.md §3), sampling with the rollout section's settings."""
+    output: str = _f("", doc="filtered jsonl (default: <run dir>/filtered.jsonl)")
+    samples: int = _f(8, lo=1)
+    low: float = _f(0.125, lo=0.0, hi=1.0)
+    high: float = _f(0.875, lo=0.0, hi=1.0)
+    batch_questions: int = _f(16, lo=1, doc="questions per generate call per rank")
+
+
+@dataclass
 class Config:
     name: str = "run"
-    stage: Literal["rl", "sft"] = "rl"
+    stage: Literal["rl", "sft", "prefilter"] = "rl"
     seed: int = 1
     output_dir: str = "runs"
     total_steps: int = _f(500, lo=1)
@@ -190,6 +201,7 @@ class Config:
     logging: LoggingConfig = _f(factory=LoggingConfig)
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig)
     sft: SFTConfig = _f(factory=SFTConfig)
+    prefilter: PrefilterConfig = _f(factory=PrefilterConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -352,7 +364,9 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(f"tapo.ots_w_min: {t.ots_w_min} exceeds tapo.ots_w_max = {t.ots_w_max}")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas: expected two numbers, got {cfg.optimizer.betas!r}")
-    if cfg.stage == "rl" and not cfg.data.train_files:
+    if cfg.prefilter.low > cfg.prefilter.high:
+        raise ConfigError(f"prefilter.low: {cfg.prefilter.low} exceeds prefilter.high = {cfg.prefilter.high}")
+    if cfg.stage in ("rl", "prefilter") and not cfg.data.train_files:
         raise ConfigError("data.train_files: expected at least one file or hub dataset for stage rl")
     if cfg.stage == "sft" and not cfg.sft.train_files:
         raise ConfigError("sft.train_files: expected at least one jsonl file for stage sft")

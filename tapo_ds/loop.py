@@ -31,7 +31,7 @@ def run_loop(*, step_fn: Callable[[int], dict], state: LoopState, total_steps: i
     for step in range(state.step + 1, total_steps + 1):
         metrics = step_fn(step)
         for key, value in metrics.items():
-            if isinstance(value, float) and not math.isfinite(value) and key.startswith("actor/pg_loss"):
+            if key.endswith("loss") and isinstance(value, float) and not math.isfinite(value):
                 raise FloatingPointError(f"step {step}: {key} is {value}; stopping before the weights degrade")
         monitor.scalars(metrics, step)
         monitor.progress({k.split("/")[-1]: metrics[k] for k in bar_fields if k in metrics})

@@ -33,6 +33,9 @@ TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_PHRASE_TOKENS = [
     "\\boxed{", "Final Answer: ", "<analysis>", "</analysis>", "<reconstruction>",
     "</reconstruction>", "Wait, let me double-check", "Step ",
+    # the synthetic task's recurring phrases (tapo_ds/synthetic): shorter sequences, faster learning
+    "From ", " is wrong: ", " error).", "the problem says ", "Problem: ", "\nWrong:\n", "\nRight:\n",
+    "Find the first wrong step and fix it.", " step ",
 ]
 TINY_CHARS = string.printable  # digits, letters, punctuation, whitespace
 

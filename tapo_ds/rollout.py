@@ -132,8 +132,9 @@ class TapoRollout(RolloutEngine):
     # ------------------------------------------------------------------ weights
 
     def sync_weights(self, step: int) -> None:
-        """Start a rollout phase for training step ``step``. Under ZeRO-3/"once" this is a
-        collective: every rank must call it (it all-gathers the parameters)."""
+        """Start the rollout phase of training step ``step`` (``step`` also keys the sampling
+        seed, so a resumed run draws the same samples). Under ZeRO-3 with gather="once" this
+        is a collective: every rank must call it (it all-gathers the parameters)."""
         self._step, self._calls = int(step), 0
         if self.zero3 and self.gather == "once":
             self._fill_copy()
@@ -179,7 +180,8 @@ class TapoRollout(RolloutEngine):
             ds_integration._hf_deepspeed_config_weak_ref = saved
         if any(hasattr(p, "ds_id") for p in copy.parameters()):
             raise ValueError("module_factory returned a ZeRO-3 partitioned model; it must build a plain one")
-        device = ref_param.ds_tensor.device if hasattr(ref_param, "ds_tensor") else ref_param.device
+        # The engine's compute device, not the partition's (offload_param keeps that on CPU).
+        device = getattr(self.engine, "device", None) or ref_param.device
         copy.to(device=device, dtype=ref_param.dtype)
         copy.eval().requires_grad_(False)
         return copy
@@ -190,10 +192,14 @@ class TapoRollout(RolloutEngine):
     def generate(self, request: RolloutRequest, sampling: SamplingConfig) -> RolloutResult:
         """K = ``sampling.n_samples_per_prompt`` samples per request row (see RolloutResult).
 
-        Under ZeRO-3 every rank must call this the same number of times (collectives: the
-        weight gather in "once" mode, the per-step gathers in "per_step" mode)."""
-        if sampling.max_new_tokens <= 0:
-            raise ValueError("sampling.max_new_tokens must be positive")
+        Collectives under ZeRO-3: with "per_step" every call is one (all ranks must call it
+        together); with "once" a call is rank-local unless the copy is stale (never filled,
+        or ``engine.global_steps`` moved since the last gather), in which case it re-gathers
+        first, so call ``sync_weights`` on every rank at the start of each phase."""
+        if sampling.max_new_tokens <= 0 or sampling.n_samples_per_prompt <= 0:
+            raise ValueError("sampling.max_new_tokens and n_samples_per_prompt must be positive")
+        if request.prompt_ids.shape[0] == 0:
+            raise ValueError("empty request: under ZeRO-3 every rank must bring at least one prompt")
         if sampling.continuous_batch_size is not None:
             raise NotImplementedError("TapoRollout drops finished rows instead of refilling them; "
                                       "leave SamplingConfig.continuous_batch_size unset")
@@ -206,7 +212,9 @@ class TapoRollout(RolloutEngine):
             module = self.module
         dist = _dist()
         rank = dist.get_rank() if dist is not None else 0
-        lockstep = self.zero3 and self.gather == "per_step" and dist is not None and dist.get_world_size() > 1
+        # Per-step ZeRO-3 gathers are collectives: ranks must agree on when to stop.
+        lockstep = dist if (self.zero3 and self.gather == "per_step" and dist is not None
+                            and dist.get_world_size() > 1) else None
 
         device = next(module.parameters()).device
         request = RolloutRequest(request.prompt_ids.to(device), request.prompt_attention_mask.to(device))
@@ -227,7 +235,8 @@ class TapoRollout(RolloutEngine):
         wall = time.perf_counter() - t0
         return self._assemble(request, sampling, out, lengths, truncated, counters, wall)
 
-    def _decode(self, module, request: RolloutRequest, sampling: SamplingConfig, generator, lockstep: bool):
+    def _decode(self, module, request: RolloutRequest, sampling: SamplingConfig, generator, lockstep):
+        """The loop. ``lockstep``: deepspeed.comm when ranks must run equal forward counts."""
         prompt_ids = request.prompt_ids
         prompt_mask = request.prompt_attention_mask.long()
         device = prompt_ids.device
@@ -264,13 +273,11 @@ class TapoRollout(RolloutEngine):
             if t + 1 == T:
                 break
             running = not bool(done.all())
-            if lockstep:  # every rank must run the same number of gathered forwards
+            if lockstep is not None:  # stop only when no rank has a live row
                 flag = torch.tensor([int(running)], device=device)
-                import deepspeed.comm as dist
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if not int(flag.item()):
-                    break
-            elif not running:
+                lockstep.all_reduce(flag, op=lockstep.ReduceOp.MAX)
+                running = bool(flag.item())
+            if not running:
                 break
             n_done = int(done.sum())
             if n_done and n_done >= self.compact_fraction * len(rows) and len(rows) > 1:

@@ -37,7 +37,7 @@ def build_model(cfg: Config, ds_config: dict):
     return model, tokenizer
 
 
-def setup_engine(cfg: Config, world_size: int, micro_batch_size: int):
+def setup_engine(cfg: Config, world_size: int, micro_batch_size: int, total_steps: int | None = None):
     ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=micro_batch_size,
                                    world_size=world_size, grad_clip=cfg.optimizer.grad_clip,
                                    hybrid_engine=cfg.deepspeed.hybrid_engine, dtype=cfg.model.dtype)
@@ -45,7 +45,7 @@ def setup_engine(cfg: Config, world_size: int, micro_batch_size: int):
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     o = cfg.optimizer
-    lr_fn = eng.lr_lambda(o.schedule, o.warmup_steps, cfg.total_steps, o.decay_start, o.min_lr_ratio)
+    lr_fn = eng.lr_lambda(o.schedule, o.warmup_steps, total_steps or cfg.total_steps, o.decay_start, o.min_lr_ratio)
     engine, info = eng.build_engine(model, ds_config, lr=o.lr, betas=o.betas, eps=o.eps,
                                     weight_decay=o.weight_decay, lr_fn=lr_fn,
                                     model_type=model.config.model_type)
@@ -165,7 +165,100 @@ def build_reference(cfg: Config, info):
     return ref
 
 
-STAGES = {"rl": run_rl}
+def run_sft(cfg: Config, resume_arg: str | None) -> dict:
+    """Cold-start SFT: steps = ceil(sft.epochs x rows / sft.batch_size)."""
+    import math
+
+    from tapo_ds.sft import SFTTrainer, load_sft_rows
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sc = cfg.sft
+    if sc.batch_size % world:
+        raise ValueError(f"sft.batch_size: {sc.batch_size} is not divisible by the {world} ranks")
+    # The tokenizer is needed to count steps before the engine (and its LR schedule) exists.
+    tokenizer = build_model(cfg, {})[1] if cfg.model.path == "tiny" else modeling.load_tokenizer(
+        cfg.model.path, cfg.model.trust_remote_code)
+    rows, too_long = load_sft_rows(sc.train_files, tokenizer, prompt_field=sc.prompt_field,
+                                   response_field=sc.response_field,
+                                   chat_template_kwargs=cfg.model.chat_template_kwargs,
+                                   max_seq_tokens=sc.max_seq_tokens)
+    total = math.ceil(sc.epochs * len(rows) / sc.batch_size)
+    engine, info, tokenizer, _ = setup_engine(cfg, world, cfg.algorithm.micro_batch_size, total_steps=total)
+    run_dir = _prepare_run_dir(cfg, info.rank)
+    monitor = Monitor(run_dir, enabled=info.rank == 0, tensorboard=cfg.logging.tensorboard,
+                      progress_bar=cfg.logging.progress_bar, total_steps=total, desc=f"{cfg.name} (sft)")
+    monitor.message(f"{cfg.name}: SFT on {len(rows)} rows ({too_long} over sft.max_seq_tokens dropped), "
+                    f"{total} steps of {sc.batch_size}, {info.world_size} rank(s), ZeRO stage {info.zero_stage}")
+    sampler = EpochSampler(len(rows), cfg.seed, True)
+    state = LoopState(step=0, sampler=sampler)
+    resume(engine, state, resume_arg, run_dir, monitor)
+    if monitor.bar is not None:
+        monitor.bar.n = state.step
+    trainer = SFTTrainer(engine=engine, info=info, rows=rows, sampler=sampler, batch_size=sc.batch_size,
+                         micro_batch_size=cfg.algorithm.micro_batch_size, pad_id=tokenizer.pad_token_id)
+    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
+        # Optional held-out evaluation (evaluation.*), e.g. to watch a cold start reach the RL band.
+        rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
+                              tokenizer.pad_token_id, seed=cfg.seed, gather=cfg.rollout.gather,
+                              module_factory=modeling.model_factory(engine.module.config))
+        evaluator = build_evaluator(cfg, tokenizer, rollout, grader, info)
+
+        def step_fn(step: int) -> dict:
+            metrics = trainer.step(step)
+            if evaluator is not None and (evaluator.due(step) or step == total):
+                metrics.update(evaluator.run(step))
+            return metrics
+
+        try:
+            return run_loop(step_fn=step_fn, state=state, total_steps=total, engine=engine, tokenizer=tokenizer,
+                            monitor=monitor, run_dir=run_dir, ckpt_every=cfg.checkpoint.every,
+                            keep_last=cfg.checkpoint.keep_last, export_hf=cfg.checkpoint.export_hf,
+                            rank=info.rank, bar_fields=("sft/loss",))
+        finally:
+            monitor.close()
+
+
+def run_prefilter(cfg: Config, resume_arg: str | None) -> dict:
+    """Sample ``prefilter.samples`` answers per question with ``model.path``; keep those in [low, high]."""
+    import deepspeed
+
+    from tapo_ds.prefilter import PrefilterResult, count_correct, gather_counts, write_filtered
+
+    if resume_arg:
+        raise ValueError("--resume: the prefilter stage has nothing to resume; run it again")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=1, world_size=world, grad_clip=0.0,
+                                   hybrid_engine=False, dtype=cfg.model.dtype)
+    model, tokenizer = build_model(cfg, ds_config)
+    model.eval().requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    rank = torch.distributed.get_rank()
+    run_dir = _prepare_run_dir(cfg, rank)
+    d, p, r = cfg.data, cfg.prefilter, cfg.rollout
+    examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
+    questions, too_long = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
+                                  d.max_prompt_tokens)
+    rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
+                          tokenizer.pad_token_id, seed=cfg.seed, gather=r.gather,
+                          module_factory=modeling.model_factory(engine.module.config))
+    rollout.sync_weights(0)
+    sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k, n_samples_per_prompt=p.samples)
+    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
+        local = count_correct(questions[rank::world], rollout=rollout, grader=grader, tokenizer=tokenizer,
+                              sampling=sampling, batch_questions=p.batch_questions, device=engine.device)
+    result = PrefilterResult(gather_counts(local, rank, world), p.samples)
+    keep = result.keep(p.low, p.high)
+    out = Path(p.output) if p.output else run_dir / "filtered.jsonl"
+    if rank == 0:
+        write_filtered(out, questions, result, keep, d.problem_field, d.answer_field)
+        print(result.render(p.low, p.high), flush=True)
+        print(f"({too_long} questions over data.max_prompt_tokens skipped) wrote {out}", flush=True)
+    return {"prefilter/kept": float(len(keep)), "prefilter/questions": float(len(result.correct)),
+            "prefilter/pass_rate_mean": sum(result.correct) / max(1, len(result.correct) * p.samples)}
+
+
+STAGES = {"rl": run_rl, "sft": run_sft, "prefilter": run_prefilter}
 
 
 def run_stage(cfg: Config, resume_arg: str | None) -> dict:

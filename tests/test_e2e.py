@@ -1,13 +1,13 @@
 """End to end through the real entry point: 1-rank run, resume, HF export, 2 ranks via the launcher."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -25,8 +25,7 @@ def run(args, tmp_path, name, extra=(), launcher=None, timeout=300):
     sets = [f"--set={s}" for s in SMALL + [f"output_dir={tmp_path}", f"name={name}"] + list(extra)]
     cmd = (launcher or [PY]) + [str(REPO / "tapo_ds" / "main.py"), "--config",
                                 str(REPO / "configs" / "quickstart.yaml")] + sets + list(args)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -84,7 +83,7 @@ def test_two_ranks_zero3(tmp_path):
 def test_config_error_is_one_line(tmp_path):
     cmd = [PY, str(REPO / "tapo_ds" / "main.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
            "--set", "rollout.temprature=0.5"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "config error: rollout.temprature: unknown key (did you mean 'temperature'?); known: questions_per_step, "

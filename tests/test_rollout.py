@@ -6,6 +6,7 @@ neither deadlock under per-step gathers nor change their results.
 """
 
 import copy
+import functools
 import os
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from tapo_ds.modeling import build_tiny_model_and_tokenizer  # noqa: E402
 from tapo_ds.rollout import TapoRollout, sample_next_token  # noqa: E402
 
 PROMPTS = ["hello", "a much longer prompt here", "x", "what is 2+2?", "Step 1: compute", "zzz"]
+T = 24  # max_new_tokens of the greedy checks
 
 
 def tiny(stop_bias: float = 0.0, seed: int = 0):
@@ -37,6 +39,22 @@ def tiny(stop_bias: float = 0.0, seed: int = 0):
     head.bias.data[tok.eos_token_id] = stop_bias
     model.lm_head = head
     return model.eval(), tok
+
+
+@functools.lru_cache(maxsize=None)
+def varied_bias() -> tuple[float, tuple[int, ...]]:
+    """A stop bias under which greedy decoding of PROMPTS is a real test: at least half the
+    rows stop before T at different lengths and at least one runs to T. Searched rather than
+    hard-coded so that changes to the tiny model (vocab, init) do not silently trivialise the
+    tests. Returns the bias and the greedy lengths."""
+    for bias in (2.0, 1.5, 2.5, 1.0, 3.0, 3.5, 4.0, 0.5, 5.0):
+        model, tok = tiny(bias)
+        roll = TapoRollout(model, tok, stops(tok), tok.pad_token_id)
+        lengths = roll.generate(request(tok), SamplingConfig(max_new_tokens=T, temperature=0.0)).response_lengths
+        stopped = [n for n in lengths.tolist() if n < T]
+        if len(set(stopped)) >= 2 and len(PROMPTS) // 2 <= len(stopped) < len(PROMPTS):
+            return bias, tuple(lengths.tolist())
+    raise AssertionError("no stop bias gives varied greedy lengths on the tiny model")
 
 
 def factory(config):
@@ -60,9 +78,8 @@ def stops(tok):
 
 @pytest.mark.parametrize("compact_fraction", [0.0, 0.5])
 def test_greedy_matches_hf_generate(compact_fraction):
-    model, tok = tiny(stop_bias=2.0)
+    model, tok = tiny(varied_bias()[0])
     req = request(tok)
-    T = 24
     roll = TapoRollout(model, tok, stops(tok), tok.pad_token_id, compact_fraction=compact_fraction)
     res = roll.generate(req, SamplingConfig(max_new_tokens=T, temperature=0.0))
     hf = model.generate(req.prompt_ids, attention_mask=req.prompt_attention_mask, max_new_tokens=T,
@@ -143,7 +160,7 @@ def test_masks_stop_and_truncation(compact_fraction):
 
 
 def test_sampling_is_seeded():
-    model, tok = tiny(stop_bias=1.0)
+    model, tok = tiny(varied_bias()[0])
     req = request(tok)
     s = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=20, n_samples_per_prompt=4)
 
@@ -165,7 +182,7 @@ def test_sampling_is_seeded():
 
 
 def test_k_samples_layout_greedy():
-    model, tok = tiny(stop_bias=2.0)
+    model, tok = tiny(varied_bias()[0])
     req = request(tok)
     roll = TapoRollout(model, tok, stops(tok), tok.pad_token_id)
     one = roll.generate(req, SamplingConfig(max_new_tokens=12, temperature=0.0))
@@ -204,7 +221,7 @@ def zero3_engine():
                      LOCAL_RANK="0").items():
         os.environ.setdefault(k, v)
     deepspeed.init_distributed(dist_backend="gloo")
-    model, tok = tiny(stop_bias=2.0)
+    model, tok = tiny(varied_bias()[0])
     plain = copy.deepcopy(model)
     cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
@@ -262,13 +279,16 @@ def _two_rank_worker():
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
-    model, tok = tiny(stop_bias=2.0)
+    bias, lengths = varied_bias()
+    model, tok = tiny(bias)
     plain = copy.deepcopy(model)
     cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
                                       config=cfg)
-    req = request(tok, ["what is 2+2?", "Step 1: compute"] if rank == 0 else ["hello", "x"])
-    s = SamplingConfig(max_new_tokens=20, temperature=0.0, n_samples_per_prompt=2)
+    by_length = sorted(range(len(PROMPTS)), key=lambda i: lengths[i])
+    mine = by_length[:2] if rank == 0 else by_length[-2:]  # rank 1 holds a row that runs to T
+    req = request(tok, [PROMPTS[i] for i in mine])
+    s = SamplingConfig(max_new_tokens=T, temperature=0.0, n_samples_per_prompt=2)
     want = TapoRollout(plain, tok, stops(tok), tok.pad_token_id).generate(req, s)
     steps = torch.tensor([want.stats["decode_steps"]])
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from tapo_ds.reward import last_boxed, math_equal
+from tapo_ds.reward import GradingPool, last_boxed, math_equal
 from tapo_ds.synthetic import (
     ERROR_KINDS,
     PROMPT_TEMPLATE,
@@ -27,6 +27,7 @@ from tapo_ds.synthetic import (
     mix_counts,
     parse_problem,
     parse_step,
+    pool_grader,
     random_wrong_solution,
     rule_constructor,
     split_of,
@@ -353,6 +354,13 @@ def test_builder_keeps_only_verified_constructions_and_writes_both_formats(tmp_p
         assert ift["prompt"] == render_construction_prompt(q, wrong, right, SYNTHETIC_CONSTRUCTION_TEMPLATE)
         assert ift["response"] == rule(q, wrong, right)
         assert parse_construction(ift["response"]).reconstruction == row["response"]
+    # The same build graded by a GradingPool, one batch.
+    calls.clear()
+    with GradingPool(num_workers=1) as pool:
+        again = build_coldstart(qs, answers, responses, rewards, flaky, pool_grader(pool),
+                                n_pos=1, n_neg=1, m_max=2, seed=0,
+                                construction_template=SYNTHETIC_CONSTRUCTION_TEMPLATE)
+    assert again.sft == res.sft and again.ift == res.ift and again.stats == res.stats
     sft_path, ift_path = res.write(tmp_path)
     assert read_jsonl(sft_path) == res.sft and read_jsonl(ift_path) == res.ift
     assert len(res.examples) == 3 and "construction" in format_examples(res.examples)

@@ -91,3 +91,22 @@ def ppo_clip_loss(
             "actor/ppo_kl": masked_mean(-log_ratio, valid).item(),
         }
     return PolicyLossOutput(per_token_loss=loss, metrics=metrics)
+
+
+@register_policy_loss("nll")
+def nll_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    token_weights: Optional[Tensor],
+    params: PolicyLossParams,
+) -> PolicyLossOutput:
+    """-w_t * log p(y_t): supervised fine-tuning through the same update path as RL (the
+    cold-start stage); ``old_logp``, ``advantages`` and ``params`` are not used."""
+    _require_constant("token_weights", token_weights)
+    valid = mask.bool()
+    loss = -logp
+    if token_weights is not None:
+        loss = loss * token_weights.to(loss.dtype)
+    return PolicyLossOutput(per_token_loss=torch.where(valid, loss, 0.0), metrics={})

@@ -188,7 +188,7 @@ def corrupt(solution, rng: random.Random, kind: str, *, at: int | None = None,
     for k, detail, chain in _candidates(steps, kind, operators):
         if not chain or (at is not None and k != at):
             continue  # inexact division, or nothing left to write (skipping a one-step solution)
-        final = chain[-1][3] if chain else steps[0].a
+        final = chain[-1][3]
         values = [v for row in chain for v in (row[0], row[3])]
         if final == gold or any(abs(v) > bound for v in values):
             continue
@@ -207,7 +207,7 @@ def corrupt(solution, rng: random.Random, kind: str, *, at: int | None = None,
     group = rng.choice(kinds_of_detail)
     _, detail, chain, _ = rng.choice([c for c in at_k if c[1].split(":")[0] == group])
     written = tuple(Step(i, a, op, b, r) for i, (a, op, b, r) in enumerate(chain, 1))
-    answer = written[-1].result if written else steps[0].a
+    answer = written[-1].result
     return WrongSolution(text=format_solution(written, answer), steps=written, answer=answer,
                          kind=kind, step=k, detail=detail)
 
