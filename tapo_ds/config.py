@@ -182,9 +182,25 @@ class PrefilterConfig:
 
 
 @dataclass
+class ColdStartConfig:
+    """``stage: coldstart``: build SFT-format and IFT-format cold-start data (TAPO.md §3) from
+    data.train_files, sampling with the rollout section and constructing with tapo.* settings."""
+    output_dir: str = _f("", doc="where the two jsonl files go (default: the run dir)")
+    samples: int = _f(8, lo=1)
+    constructor: Literal["model", "rule"] = "model"
+    constructor_path: str = _f("", doc="a different (stronger) model for constructions; empty = model.path")
+    n_pos: int = _f(1, lo=1)
+    n_neg: int = _f(1, lo=1)
+    m_max: int = _f(4, lo=1)
+    min_fidelity: float = _f(0.0, lo=0.0, hi=1.0)
+    batch_questions: int = _f(16, lo=1)
+    examples: int = _f(3, lo=0)
+
+
+@dataclass
 class Config:
     name: str = "run"
-    stage: Literal["rl", "sft", "prefilter"] = "rl"
+    stage: Literal["rl", "sft", "prefilter", "coldstart"] = "rl"
     seed: int = 1
     output_dir: str = "runs"
     total_steps: int = _f(500, lo=1)
@@ -202,6 +218,7 @@ class Config:
     checkpoint: CheckpointConfig = _f(factory=CheckpointConfig)
     sft: SFTConfig = _f(factory=SFTConfig)
     prefilter: PrefilterConfig = _f(factory=PrefilterConfig)
+    coldstart: ColdStartConfig = _f(factory=ColdStartConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -221,10 +238,25 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
-        _set_path(raw, key.strip().split("."), yaml.safe_load(value))
+        _set_path(raw, key.strip().split("."), _Override(_yaml_value(value, key), value))
     cfg = build(Config, raw, "")
     _check_cross_fields(cfg)
     return cfg
+
+
+@dataclass(frozen=True)
+class _Override:
+    """A ``--set`` value: YAML-parsed, with the raw text kept for string fields, where YAML
+    would otherwise turn ``{problem}`` into a mapping or ``yes`` into a bool."""
+    parsed: Any
+    raw: str
+
+
+def _yaml_value(text: str, key: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # not YAML: a plain string (validated against the field's type below)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -286,7 +318,10 @@ def build(cls, raw: Any, where: str):
         if name not in raw:
             continue
         path = _join(where, name)
-        kwargs[name] = _coerce(hints[name], raw[name], path)
+        value = raw[name]
+        if isinstance(value, _Override):
+            value = value.raw if hints[name] is str else value.parsed
+        kwargs[name] = _coerce(hints[name], value, path)
         _check_range(f.metadata, kwargs[name], path)
     return cls(**kwargs)
 
@@ -366,7 +401,7 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(f"optimizer.betas: expected two numbers, got {cfg.optimizer.betas!r}")
     if cfg.prefilter.low > cfg.prefilter.high:
         raise ConfigError(f"prefilter.low: {cfg.prefilter.low} exceeds prefilter.high = {cfg.prefilter.high}")
-    if cfg.stage in ("rl", "prefilter") and not cfg.data.train_files:
+    if cfg.stage in ("rl", "prefilter", "coldstart") and not cfg.data.train_files:
         raise ConfigError("data.train_files: expected at least one file or hub dataset for stage rl")
     if cfg.stage == "sft" and not cfg.sft.train_files:
         raise ConfigError("sft.train_files: expected at least one jsonl file for stage sft")

@@ -46,10 +46,11 @@ class PrefilterResult:
         return "\n".join(lines)
 
 
-def count_correct(questions: Sequence[PromptedExample], *, rollout, grader, tokenizer, sampling: SamplingConfig,
-                  batch_questions: int, device) -> list[int]:
-    """Correct samples out of ``sampling.n_samples_per_prompt`` for each question."""
-    counts = []
+def sample_and_grade(questions: Sequence[PromptedExample], *, rollout, grader, tokenizer, sampling: SamplingConfig,
+                     batch_questions: int, device) -> tuple[list[list[str]], list[list[float]]]:
+    """K responses per question and their binary rewards (last box, as in training)."""
+    texts_out: list[list[str]] = []
+    rewards_out: list[list[float]] = []
     for start in range(0, len(questions), batch_questions):
         chunk = questions[start:start + batch_questions]
         ids, mask = left_pad([q.prompt_ids for q in chunk], tokenizer.pad_token_id)
@@ -58,11 +59,19 @@ def count_correct(questions: Sequence[PromptedExample], *, rollout, grader, toke
                  for i, n in enumerate(res.response_lengths.tolist())]
         rows = res.prompt_index.tolist()
         graded = grader.grade([(t, chunk[q].example.answer) for t, q in zip(texts, rows)], require_box=True)
-        per = [0] * len(chunk)
-        for q, ok in zip(rows, graded.correct):
-            per[q] += int(ok)
-        counts += per
-    return counts
+        per_texts: list[list[str]] = [[] for _ in chunk]
+        per_rewards: list[list[float]] = [[] for _ in chunk]
+        for q, text, ok in zip(rows, texts, graded.correct):
+            per_texts[q].append(text)
+            per_rewards[q].append(float(ok))
+        texts_out += per_texts
+        rewards_out += per_rewards
+    return texts_out, rewards_out
+
+
+def count_correct(questions: Sequence[PromptedExample], **kwargs) -> list[int]:
+    """Correct samples out of ``sampling.n_samples_per_prompt`` for each question."""
+    return [int(sum(r)) for r in sample_and_grade(questions, **kwargs)[1]]
 
 
 def write_filtered(path: Path, questions: Sequence[PromptedExample], result: PrefilterResult, keep: list[int],

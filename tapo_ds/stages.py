@@ -220,28 +220,18 @@ def run_sft(cfg: Config, resume_arg: str | None) -> dict:
 
 def run_prefilter(cfg: Config, resume_arg: str | None) -> dict:
     """Sample ``prefilter.samples`` answers per question with ``model.path``; keep those in [low, high]."""
-    import deepspeed
-
     from tapo_ds.prefilter import PrefilterResult, count_correct, gather_counts, write_filtered
 
     if resume_arg:
         raise ValueError("--resume: the prefilter stage has nothing to resume; run it again")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=1, world_size=world, grad_clip=0.0,
-                                   hybrid_engine=False, dtype=cfg.model.dtype)
-    model, tokenizer = build_model(cfg, ds_config)
-    model.eval().requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine, tokenizer, rollout = _inference_engine(cfg, cfg.model.path)
     rank = torch.distributed.get_rank()
     run_dir = _prepare_run_dir(cfg, rank)
     d, p, r = cfg.data, cfg.prefilter, cfg.rollout
     examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
     questions, too_long = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
                                   d.max_prompt_tokens)
-    rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
-                          tokenizer.pad_token_id, seed=cfg.seed, gather=r.gather,
-                          module_factory=modeling.model_factory(engine.module.config))
-    rollout.sync_weights(0)
     sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, n_samples_per_prompt=p.samples)
     with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
@@ -258,7 +248,78 @@ def run_prefilter(cfg: Config, resume_arg: str | None) -> dict:
             "prefilter/pass_rate_mean": sum(result.correct) / max(1, len(result.correct) * p.samples)}
 
 
-STAGES = {"rl": run_rl, "sft": run_sft, "prefilter": run_prefilter}
+def _inference_engine(cfg: Config, path: str):
+    """A DeepSpeed engine without optimizer (ZeRO-3 partitioned loading for big models)."""
+    import dataclasses
+
+    import deepspeed
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=1, world_size=world, grad_clip=0.0,
+                                   hybrid_engine=False, dtype=cfg.model.dtype)
+    model, tokenizer = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path)),
+                                   ds_config)
+    model.eval().requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
+                          tokenizer.pad_token_id, seed=cfg.seed, gather=cfg.rollout.gather,
+                          module_factory=modeling.model_factory(engine.module.config))
+    rollout.sync_weights(0)
+    return engine, tokenizer, rollout
+
+
+def run_coldstart(cfg: Config, resume_arg: str | None) -> dict:
+    """Sample answers with model.path, construct, keep what verifies, write the two files (rank 0)."""
+    from tapo_ds.coldstart import BatchedModelConstructor, build_with_model, build_with_rule
+    from tapo_ds.prefilter import sample_and_grade
+    from tapo_ds.synthetic.coldstart import format_examples
+    from tapo_ds.trajectory import load_template
+
+    if resume_arg:
+        raise ValueError("--resume: the coldstart stage has nothing to resume; run it again")
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ValueError("stage coldstart runs on one rank (launch without --num_gpus > 1)")
+    c, d, r, t = cfg.coldstart, cfg.data, cfg.rollout, cfg.tapo
+    engine, tokenizer, rollout = _inference_engine(cfg, cfg.model.path)
+    run_dir = _prepare_run_dir(cfg, 0)
+    examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
+    questions, too_long = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
+                                  d.max_prompt_tokens)
+    sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k, n_samples_per_prompt=c.samples)
+    template = load_template(t.template or t.construction)
+    kwargs = dict(n_pos=c.n_pos, n_neg=c.n_neg, m_max=c.m_max, seed=cfg.seed, prompt_template=d.prompt_template,
+                  construction_template=template, min_fidelity=c.min_fidelity or None, n_examples=c.examples,
+                  count_tokens=lambda p: len(encode(tokenizer, render_chat(tokenizer, p, cfg.model.chat_template_kwargs))),
+                  max_prompt_tokens=t.max_prompt_tokens)
+    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
+        texts, rewards = sample_and_grade(questions, rollout=rollout, grader=grader, tokenizer=tokenizer,
+                                          sampling=sampling, batch_questions=c.batch_questions, device=engine.device)
+        common = dict(questions=[q.example.problem for q in questions], answers=[q.example.answer for q in questions],
+                      responses=texts, rewards=rewards, grader_pool=grader, build_kwargs=kwargs)
+        if c.constructor == "rule":
+            from tapo_ds.synthetic.constructor import rule_constructor
+
+            result = build_with_rule(rule=rule_constructor(t.construction), **common)
+        else:
+            c_rollout, c_tok = rollout, tokenizer
+            if c.constructor_path:
+                _, c_tok, c_rollout = _inference_engine(cfg, c.constructor_path)
+            constructor = BatchedModelConstructor(
+                rollout=c_rollout, tokenizer=c_tok, template=template, chat_template_kwargs=cfg.model.chat_template_kwargs,
+                sampling=SamplingConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
+                                        n_samples_per_prompt=1), device=engine.device)
+            result = build_with_model(constructor=constructor, **common)
+    out = Path(c.output_dir) if c.output_dir else run_dir
+    paths = result.write(out)
+    print(f"cold-start data from {len(questions)} questions x {c.samples} samples "
+          f"({too_long} over data.max_prompt_tokens skipped): {result.stats.summary()}", flush=True)
+    print(format_examples(result.examples), flush=True)
+    print(f"wrote {', '.join(map(str, paths))}", flush=True)
+    return result.stats.as_dict()
+
+
+STAGES = {"rl": run_rl, "sft": run_sft, "prefilter": run_prefilter, "coldstart": run_coldstart}
 
 
 def run_stage(cfg: Config, resume_arg: str | None) -> dict:

@@ -47,9 +47,10 @@ def varied_bias() -> tuple[float, tuple[int, ...]]:
     rows stop before T at different lengths and at least one runs to T. Searched rather than
     hard-coded so that changes to the tiny model (vocab, init) do not silently trivialise the
     tests. Returns the bias and the greedy lengths."""
+    model, tok = tiny()
+    roll = TapoRollout(model, tok, stops(tok), tok.pad_token_id)
     for bias in (2.0, 1.5, 2.5, 1.0, 3.0, 3.5, 4.0, 0.5, 5.0):
-        model, tok = tiny(bias)
-        roll = TapoRollout(model, tok, stops(tok), tok.pad_token_id)
+        model.lm_head.bias.data[tok.eos_token_id] = bias
         lengths = roll.generate(request(tok), SamplingConfig(max_new_tokens=T, temperature=0.0)).response_lengths
         stopped = [n for n in lengths.tolist() if n < T]
         if len(set(stopped)) >= 2 and len(PROMPTS) // 2 <= len(stopped) < len(PROMPTS):
