@@ -7,7 +7,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart test bench venv clean
+.PHONY: quickstart coldstart test bench venv clean
 
 venv: $(STAMP)
 
@@ -19,8 +19,22 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# The miniature: prefilter the synthetic questions with the shipped cold-start checkpoint, TAPO on the
+# kept ones (held-out pass@k before and after), then the before/after table.
+QUICKSTART_QUESTIONS ?= 400
 quickstart: $(STAMP)
-	$(VENV)/bin/deepspeed tapo_ds/main.py --config configs/quickstart.yaml
+	$(VENV)/bin/deepspeed tapo_ds/main.py --config configs/quickstart.yaml --set stage=prefilter \
+		--set name=quickstart-prefilter --set data.limit=$(QUICKSTART_QUESTIONS)
+	$(VENV)/bin/deepspeed tapo_ds/main.py --config configs/quickstart.yaml \
+		--set "data.train_files=[runs/quickstart-prefilter/filtered.jsonl]"
+	$(PY) -m tapo_ds.report runs/quickstart
+
+# Rebuild the shipped cold-start checkpoint (about 20-30 minutes on 2 cores).
+coldstart: $(STAMP)
+	$(PY) -m tapo_ds.synthetic make-data --out data/synthetic --train 3000 --test 200 --seed 0 \
+		--coldstart 8000 --analysis checked --no-examples
+	$(VENV)/bin/deepspeed tapo_ds/main.py --config configs/miniature/coldstart.yaml
+	rm -rf checkpoints/miniature-coldstart && cp -r runs/miniature-coldstart/hf checkpoints/miniature-coldstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -70,6 +70,16 @@ def parse_args():
     p.add_argument("--max-len", type=int, default=200, help="longest response, tokens")
     p.add_argument("--parse-rate", type=float, default=0.85, help="P(construction parses)")
     p.add_argument("--verify-rate", type=float, default=0.7, help="P(parsed construction is right)")
+    p.add_argument("--template", choices=["scaled", "builtin"], default="scaled",
+                   help="construction prompt: the built-in 'micro' template with its instructions cut to "
+                        "--template-ratio x the mean response length (paper proportions, see above), or "
+                        "the built-in one in full (~2,000 tokens here, 15x a response)")
+    p.add_argument("--template-ratio", type=float, default=0.4,
+                   help="instruction tokens / mean response tokens for --template scaled")
+    p.add_argument("--decode-model", choices=["copy", "engine"], default="copy",
+                   help="what the scripted rollout runs token by token: an un-hooked copy of the policy "
+                        "(as TapoRollout decodes, gather=once) or the ZeRO-3 engine's module (a parameter "
+                        "fetch per layer per token)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--seed", type=int, default=3)
@@ -88,11 +98,7 @@ FILLER = [
     "Nothing else changes in the expression.",
     "So far the computation is consistent.",
 ]
-REFLECTION = [
-    "the sign in step {j} looks off",
-    "the value carried into step {j} is not what step {j0} gives",
-    "step {j} applied the operation to the wrong term",
-]
+REFLECTION = ["the sign is off", "wrong value carried", "wrong term used"]
 
 
 def gold_of(prompt: str) -> int:
@@ -117,15 +123,28 @@ class Policy:
             return self.a.right
         return rng.choice([0, 1, self.a.samples])  # ineligible under n_pos=2, n_neg=4
 
-    def steps(self, rng: random.Random, a: int, op: str, b: int, length: int, start: int = 1) -> list[str]:
-        """Step lines totalling about ``length`` tokens."""
-        lines, j = [], start
+    def steps(self, rng: random.Random, a: str, op: str, b: str, length: int, start: int = 1) -> list[str]:
+        """Step lines of ``length`` tokens in all (newlines included), the last one cut to fit."""
+        lines, j, total = [], start, 0
         if start == 1:
             lines.append(f"Step 1: We need to compute {a} {op} {b}.")
-            j = 2
-        while sum(self.ntok(s) + 1 for s in lines) < length:
-            lines.append(f"Step {j}: " + " ".join(rng.sample(FILLER, rng.randint(1, 2))))
+            total, j = self.ntok(lines[0]) + 1, 2
+        while total < length:
+            line = f"Step {j}: " + rng.choice(FILLER)
+            lines.append(line)
+            total += self.ntok(line) + 1
             j += 1
+        over = total - length
+        if over > 0 and (len(lines) > 1 or start > 1):
+            last = lines[-1]
+            keep = self.ntok(last) - over
+            if keep < 12 and len(lines) > 1:  # too short to read as a step: drop it
+                lines.pop()
+            elif keep < 12:
+                lines[-1] = last[:14].rstrip() + "."
+            else:  # character-level tokenizer: a character is a token past the "Step " phrase
+                cut = last[:len(last) - over]
+                lines[-1] = (cut.rsplit(" ", 1)[0] if " " in cut[8:] else cut).rstrip(" ,") + "."
         return lines
 
     def __call__(self, prompt: str, k: int) -> str:
@@ -142,23 +161,47 @@ class Policy:
         return "\n".join(self.steps(rng, a, op, b, length) + [final])
 
     def construction(self, prompt: str) -> str:
+        """Analysis, then the wrong response's steps up to its first mistake (verbatim), a reflection
+        and a correction; the reconstruction aims at 0.8-1.2x the wrong response's length (coarse steps
+        and the reflection make it ~1.2x on average at these lengths)."""
         rng = random.Random(f"construction|{self.a.seed}|{prompt}")
-        wrong = WRONG_RE.search(prompt).group(1).strip().split("\n")
+        wrong_text = WRONG_RE.search(prompt).group(1).strip()
+        wrong = wrong_text.split("\n")
         body = [s for s in wrong if not s.startswith("Final Answer")] or wrong
-        j = rng.randint(1, max(1, len(body) - 1))  # the first critical mistake: step j
-        analysis = (f"<analysis>The first critical mistake is in step {j}: an arithmetic error, "
-                    f"the value it carries forward is wrong, so the final answer is off by one.</analysis>")
+        # The first critical mistake: the step where a uniform 30-70 % of the body's tokens is reached
+        # (never step 1, which restates the question), so the kept prefix is about half the response.
+        cut, total, j = rng.uniform(0.3, 0.7) * sum(self.ntok(x) + 1 for x in body), 0, len(body)
+        for i, line in enumerate(body, 1):
+            total += self.ntok(line) + 1
+            if total >= cut and i >= min(2, len(body)):
+                j = i
+                break
         a, op, b = QUESTION_RE.search(prompt).groups()
-        correction_len = rng.randint(self.a.min_len // 2, self.a.max_len // 2)
-        reflection = "Wait, let me double-check step {j}: ".format(j=j) + rng.choice(REFLECTION).format(
-            j=j, j0=max(1, j - 1)) + ". Redo it carefully."
-        fix = self.steps(rng, a, op, b, correction_len, start=j + 1)
-        if rng.random() >= self.a.parse_rate:  # the format is not followed: no <reconstruction> tag
-            return analysis + "\nHere is the corrected solution.\n" + "\n".join(body[:j] + [reflection] + fix)
+        analysis = f"<analysis>Step {j}: arithmetic, off by one.</analysis>"
+        reflection = f"Wait, let me double-check step {j}: {rng.choice(REFLECTION)}."
         gold = gold_of(prompt)
         answer = gold if rng.random() < self.a.verify_rate else gold + 1
-        rec = "\n".join(body[:j] + [reflection] + fix + [f"Final Answer: \\boxed{{{answer}}}"])
+        final = f"Final Answer: \\boxed{{{answer}}}"
+        target = round(self.ntok(wrong_text) * rng.uniform(0.8, 1.2))
+        kept = body[:j]
+        fix_len = max(20, target - sum(self.ntok(x) + 1 for x in kept + [reflection, final]))
+        rec = "\n".join(kept + [reflection] + self.steps(rng, a, op, b, fix_len, start=j + 1) + [final])
+        if rng.random() >= self.a.parse_rate:  # the format is not followed: no <reconstruction> tag
+            return f"{analysis}\nHere is the corrected solution.\n{rec}"
         return f"{analysis}\n<reconstruction>\n{rec}\n</reconstruction>"
+
+
+def scaled_template(tok, n_tokens: int) -> str:
+    """The built-in 'micro' template with its instructions cut (at a word) to ``n_tokens`` tokens."""
+    from tapo_ds.trajectory import DEFAULT_CONSTRUCTION_TEMPLATE
+
+    head, sections = DEFAULT_CONSTRUCTION_TEMPLATE.split("## Problem", 1)
+    words, out = head.split(" "), []
+    for w in words:
+        if len(tok(" ".join(out + [w]), add_special_tokens=False)["input_ids"]) > n_tokens:
+            break
+        out.append(w)
+    return " ".join(out).rstrip() + "\n\n## Problem" + sections
 
 
 # ---------------------------------------------------------------------------- the bench
@@ -185,7 +228,7 @@ def main():
             "total_steps=1000", "data.limit=0", f"seed={args.seed}", f"output_dir={tmp}",
             "logging.text_every=0", "tapo.examples_every=0", "evaluation.every=0",
             f"torch_threads={args.threads}"]
-    cfgs = {name: load_config(ROOT / "configs" / "quickstart.yaml", base + [f"algorithm.name={name}"])
+    cfgs = {name: load_config(ROOT / "configs" / "tiny.yaml", base + [f"algorithm.name={name}"])
             for name in ("grpo", "tapo")}
     h = args.hidden
     heads = max(1, h // 64)
@@ -194,6 +237,17 @@ def main():
     for cfg in cfgs.values():
         cfg.model.tiny_overrides = dict(tiny)
     cfg = cfgs["tapo"]
+    from tapo_ds.modeling import build_tiny_model_and_tokenizer, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    mean_len = (args.min_len + args.max_len) / 2
+    if args.template == "scaled":
+        path = tmp / "construction_template.txt"
+        path.write_text(scaled_template(tok, round(args.template_ratio * mean_len)), encoding="utf-8")
+        cfg.tapo.template = str(path)
+    from tapo_ds.trajectory import load_template
+    template = load_template(cfg.tapo.template or cfg.tapo.construction)
+    template_tokens = len(tok(template.split("## Problem")[0], add_special_tokens=False)["input_ids"])
 
     torch.manual_seed(args.seed)
     # One engine for both arms: same weights, same allocator, same ZeRO-3 hooks. The scripted
@@ -204,6 +258,13 @@ def main():
     train, _ = prepare(examples, tok, cfg.data.prompt_template, cfg.model.chat_template_kwargs,
                        cfg.data.max_prompt_tokens)
     policy = Policy(tok, args)
+    if args.decode_model == "copy":
+        # What TapoRollout decodes with (gather=once): a plain module, no ZeRO-3 hooks. Its weights
+        # do not matter (the tokens are scripted), only its cost does.
+        decoder, _ = build_tiny_model_and_tokenizer(seed=args.seed, **tiny)
+        decoder.eval()
+    else:
+        decoder = engine
 
     print(f"model: tiny Qwen3 random init, {n_params / 1e6:.2f}M params, hidden {h}, {args.layers} layers, "
           f"{heads} heads, vocab {len(tok)} (character-level), fp32, ZeRO-3, 1 rank, "
@@ -212,9 +273,12 @@ def main():
           f"tokens, {args.right}/{args.samples} right on {args.candidate_frac:.0%} of questions; "
           f"n_pos={cfg.tapo.n_pos} n_neg={cfg.tapo.n_neg} m_max={cfg.tapo.m_max}, parse rate "
           f"{args.parse_rate:.2f}, verify rate {args.verify_rate:.2f}, construction template "
-          f"'{cfg.tapo.construction}', micro-batch {args.micro_batch}", flush=True)
+          f"'{cfg.tapo.construction}' {args.template} ({template_tokens} instruction tokens, "
+          f"{template_tokens / mean_len:.1f}x the mean response target), decode model {args.decode_model}, "
+          f"micro-batch {args.micro_batch}", flush=True)
 
     work: dict[str, dict] = {}
+    gen_calls: dict[str, list] = {}  # per arm: one record per generate call (rollout, construction)
 
     def instrument(name, trainer):
         """Record what each step trains on (sequences, response tokens, all tokens)."""
@@ -230,15 +294,29 @@ def main():
     with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
         trainers = {}
         for name, c in cfgs.items():
-            rollout = ScriptedRollout(tok, policy, tok.eos_token_id, tok.pad_token_id, model=engine)
+            rollout = ScriptedRollout(tok, policy, tok.eos_token_id, tok.pad_token_id, model=decoder)
             monitor = Monitor(tmp / name, enabled=False, tensorboard=False, progress_bar=False, total_steps=1)
             trainers[name] = make_rl_trainer(c, engine=engine, info=info, tokenizer=tok, rollout=rollout,
                                              grader=grader, monitor=monitor, train=train,
                                              sampler=EpochSampler(len(train), c.seed, c.data.shuffle))
             instrument(name, trainers[name])
+            calls = gen_calls[name] = []
+            inner_generate = rollout.generate
+
+            def generate(request, sampling, _inner=inner_generate, _calls=calls):
+                res = _inner(request, sampling)
+                lengths = res.response_lengths.float()
+                _calls.append(dict(rows=len(lengths), prompt=float(request.prompt_attention_mask.sum(1).float().mean()),
+                                   mean=float(lengths.mean()), max=float(lengths.max()),
+                                   wall=res.stats["wall_s"]))
+                return res
+            rollout.generate = generate
 
         def run(name, step, timed):
+            gen_calls[name].clear()
             m = trainers[name].step(step)
+            for label, c in zip(("gen", "cgen"), gen_calls[name]):
+                work[name].update({f"{label}_{k}": v for k, v in c.items()})
             rec = {p: m.get(f"timing/{p}", 0.0) for p in PHASES}
             rec.update(work[name])
             for key in ("tapo/pairs", "tapo/parse_success", "tapo/construction_acc", "tapo/constructed_samples",
@@ -273,7 +351,12 @@ def main():
           f"{t.get('tapo/parse_success', 0):.2f}, construction acc {t.get('tapo/construction_acc', 0):.2f}, "
           f"constructed samples {t.get('tapo/constructed_samples', 0):.0f} "
           f"({t.get('tapo/constructed_tokens', 0):.0f} tokens), selected frac {t.get('tapo/selected_frac', 0):.2f}")
-    print(f"rollout response length mean {med['grpo']['rollout/response_len_mean']:.1f} tokens (both arms)")
+    for label, what, n in (("gen", "rollout generation", "grpo"), ("gen", "rollout generation", "tapo"),
+                           ("cgen", "construction generation", "tapo")):
+        x = med[n]
+        print(f"{what} ({n}, medians): {x[label + '_rows']:.0f} rows, prompt {x[label + '_prompt']:.0f} tokens, "
+              f"output mean {x[label + '_mean']:.0f} / max {x[label + '_max']:.0f} tokens (decoded to the max: "
+              f"no row dropping in the scripted rollout), {x[label + '_wall']:.2f}s")
     g = med["grpo"]
     print(f"training work ratio (tapo / grpo): sequences {t['seqs'] / g['seqs']:.2f}, response tokens "
           f"{t['resp'] / g['resp']:.2f}, prompt+response tokens {t['tokens'] / g['tokens']:.2f}")

@@ -148,3 +148,23 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike,
     model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def load_gguf(folder: str | os.PathLike, gguf_file: str):
+    """A GGUF checkpoint as a plain HF model + tokenizer (dequantised, float32).
+
+    transformers reads GGUF through ``gguf_file=`` (needs the ``gguf`` package) but the
+    model it returns cannot ``save_pretrained``; rebuilding it from its config and copying
+    the state dict gives an ordinary model that can.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if getattr(loaded.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{gguf_file}: rebuilt model does not match (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -13,7 +13,7 @@ from pathlib import Path
 
 class Monitor:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, progress_bar: bool,
-                 total_steps: int, initial_step: int = 0, desc: str = "train"):
+                 total_steps: int, initial_step: int = 0, desc: str = "train", append: bool = False):
         self.enabled = enabled
         self.writer = None
         self.bar = None
@@ -26,7 +26,8 @@ class Monitor:
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         # A plain-text copy of every scalar: greppable, and what the tests read.
-        self._jsonl = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        # A resumed run continues the file; a fresh run in the same folder starts it anew.
+        self._jsonl = (run_dir / "metrics.jsonl").open("a" if append else "w", encoding="utf-8")
         if progress_bar:
             from tqdm import tqdm
 

@@ -72,7 +72,8 @@ def run_rl(cfg: Config, resume_arg: str | None) -> dict:
     train, too_long = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
                               d.max_prompt_tokens)
     monitor = Monitor(run_dir, enabled=info.rank == 0, tensorboard=cfg.logging.tensorboard,
-                      progress_bar=cfg.logging.progress_bar, total_steps=cfg.total_steps, desc=cfg.name)
+                      progress_bar=cfg.logging.progress_bar, total_steps=cfg.total_steps, desc=cfg.name,
+                      append=resume_arg is not None)
     monitor.message(f"{cfg.name}: {len(train)} training questions ({too_long} over the prompt budget dropped), "
                     f"{info.world_size} rank(s), ZeRO stage {info.zero_stage}, algorithm {cfg.algorithm.name}")
     sampler = EpochSampler(len(train), cfg.seed, d.shuffle)
@@ -186,7 +187,8 @@ def run_sft(cfg: Config, resume_arg: str | None) -> dict:
     engine, info, tokenizer, _ = setup_engine(cfg, world, cfg.algorithm.micro_batch_size, total_steps=total)
     run_dir = _prepare_run_dir(cfg, info.rank)
     monitor = Monitor(run_dir, enabled=info.rank == 0, tensorboard=cfg.logging.tensorboard,
-                      progress_bar=cfg.logging.progress_bar, total_steps=total, desc=f"{cfg.name} (sft)")
+                      progress_bar=cfg.logging.progress_bar, total_steps=total, desc=f"{cfg.name} (sft)",
+                      append=resume_arg is not None)
     monitor.message(f"{cfg.name}: SFT on {len(rows)} rows ({too_long} over sft.max_seq_tokens dropped), "
                     f"{total} steps of {sc.batch_size}, {info.world_size} rank(s), ZeRO stage {info.zero_stage}")
     sampler = EpochSampler(len(rows), cfg.seed, True)

@@ -24,7 +24,7 @@ SMALL = [
 def run(args, tmp_path, name, extra=(), launcher=None, timeout=300):
     sets = [f"--set={s}" for s in SMALL + [f"output_dir={tmp_path}", f"name={name}"] + list(extra)]
     cmd = (launcher or [PY]) + [str(REPO / "tapo_ds" / "main.py"), "--config",
-                                str(REPO / "configs" / "quickstart.yaml")] + sets + list(args)
+                                str(REPO / "configs" / "tiny.yaml")] + sets + list(args)
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -81,7 +81,7 @@ def test_two_ranks_zero3(tmp_path):
 
 
 def test_config_error_is_one_line(tmp_path):
-    cmd = [PY, str(REPO / "tapo_ds" / "main.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
+    cmd = [PY, str(REPO / "tapo_ds" / "main.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
            "--set", "rollout.temprature=0.5"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

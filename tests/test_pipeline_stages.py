@@ -115,11 +115,11 @@ def test_coldstart_keeps_only_verified(synthetic, grader, tmp_path):
 
 def test_prefilter_stage_cli(tmp_path):
     write_jsonl(generate_dataset(6, seed=1), tmp_path / "train.jsonl")
-    cmd = [sys.executable, str(REPO / "tapo_ds" / "main.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
+    cmd = [sys.executable, str(REPO / "tapo_ds" / "main.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
            "--set", "stage=prefilter", "--set", f"data.train_files=[{tmp_path / 'train.jsonl'}]",
            "--set", "data.prompt_template={problem}", "--set", "prefilter.samples=4",
            "--set", "rollout.max_new_tokens=8", "--set", f"output_dir={tmp_path}", "--set", "torch_threads=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pass-rate histogram (6 questions x 4 samples)" in proc.stdout
-    assert (tmp_path / "quickstart" / "filtered.jsonl").is_file()
+    assert (tmp_path / "tiny" / "filtered.jsonl").is_file()

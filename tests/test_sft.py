@@ -44,7 +44,7 @@ def test_rows_validated(tmp_path):
 def test_loss_is_response_only_and_decreases(tmp_path):
     init_distributed()
     data = write(tmp_path, ROWS)
-    cfg = load_config(REPO / "configs" / "quickstart.yaml",
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
                       ["stage=sft", f"sft.train_files=[{data}]", "optimizer.lr=3e-3", "optimizer.warmup_steps=0",
                        "algorithm.micro_batch_size=3"])
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def test_loss_is_response_only_and_decreases(tmp_path):
 
 def test_sft_stage_cli(tmp_path):
     data = write(tmp_path, ROWS)
-    cmd = [sys.executable, str(REPO / "tapo_ds" / "main.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
+    cmd = [sys.executable, str(REPO / "tapo_ds" / "main.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
            "--set", "stage=sft", "--set", f"sft.train_files=[{data}]", "--set", "sft.batch_size=2",
            "--set", "sft.epochs=2", "--set", f"output_dir={tmp_path}", "--set", "name=cold",
            "--set", "logging.progress_bar=false", "--set", "torch_threads=1"]

@@ -62,7 +62,7 @@ def one_step(tmp_path, grader, overrides, n_right):
     base = ["rollout.questions_per_step=2", "rollout.samples_per_question=8", "rollout.max_new_tokens=200",
             "algorithm.micro_batch_size=6", "tapo.max_new_tokens=400", "data.limit=8", "seed=3",
             f"output_dir={tmp_path}", "tapo.examples_every=1", "logging.text_every=1"]
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", base + overrides)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", base + overrides)
     torch.manual_seed(0)
     engine, info, tok, _ = setup_engine(cfg, 1, cfg.algorithm.micro_batch_size)
     ex = load_examples(cfg.data.train_files, "problem", "answer", limit=cfg.data.limit)
