@@ -1,36 +1,53 @@
 """Median step time of TAPO vs GRPO at equal B, K, model and response lengths (issue 3, part 8).
 
-    .venv/bin/python bench/tapo_overhead.py                 # defaults: ~2-3 min on 2 CPU cores
-    .venv/bin/python bench/tapo_overhead.py --steps 6 --hidden 512 --layers 8 --questions 8
+    .venv/bin/python bench/tapo_overhead.py                 # defaults: ~2.5 min on 2 CPU cores
+    .venv/bin/python bench/tapo_overhead.py --candidate-frac 0.5 --template builtin --decode-model engine
 
 Both arms run the real step (``RLTrainer.step``: rollout -> reward -> construct ->
 advantages -> update) on ONE DeepSpeed ZeRO-3 engine holding a randomly initialised tiny
-Qwen3 (character-level tokenizer, so a token is about a character). A random model cannot
-answer arithmetic nor write constructions, so the policy is scripted
-(``tapo_ds.scripted.ScriptedRollout``) and still pays the real decode cost: the model is run
-token by token, KV-cached, over every scripted token, for the rollout and, in TAPO, for the
-constructions (prompt prefill included). Everything else is the production code: grading
-pool (math-verify), DCS, construction prompt (the built-in ``micro`` template), parsing,
+Qwen3 (``configs/tiny.yaml``; character-level tokenizer, so a token is about a character).
+A random model cannot answer arithmetic nor write constructions, so the policy is scripted
+(``tapo_ds.scripted.ScriptedRollout``) and still pays the real decode cost: a model of the
+same size is run token by token, KV-cached, over every scripted token (prompt prefill
+included), for the rollout and, in TAPO, for the constructions. Everything else is the
+production code: grading pool (math-verify), DCS, construction prompt, parsing,
 verification, assembly, decoupled advantages, OTS, loss and optimizer step.
 
 The scripted policy (deterministic in the prompt text, so both arms see identical rollouts):
 
 * each question gets ``--right`` correct answers out of K (default 3 of 8: with n_pos = 2,
-  n_neg = 4, m_max = 4 every question is a candidate and gives 4 pairs); with
-  ``--candidate-frac f < 1`` only a fraction f of the questions are candidates, the others
-  are all right, all wrong or 1 right (not eligible);
+  n_neg = 4, m_max = 4 every question is a candidate and gives 4 pairs, the heaviest
+  case); with ``--candidate-frac f < 1`` only a fraction f of the questions are
+  candidates, the others are all right, all wrong or 1 right (not eligible);
 * responses are step-by-step text of ``--min-len``..``--max-len`` tokens (uniform) ending in
   ``Final Answer: \\boxed{..}``, the wrong ones with an off-by-one answer;
-* a construction parses with probability ``--parse-rate`` (paper: 80-90 %); a parsed one
-  keeps a prefix of the wrong response's steps word for word, adds "Wait, let me
-  double-check ..." and a correction of a few steps, and is right with probability
-  ``--verify-rate`` (wrong ones are kept as negatives, the default). An unparsable output is
-  an analysis followed by untagged text of similar length.
+* a construction is a one-line analysis, then the wrong response's steps word for word up
+  to its "first mistake" (30-70 % into it), "Wait, let me double-check step j: ...", a
+  correction, and a final answer, right with probability ``--verify-rate`` (wrong ones are
+  kept as negatives, the default); the reconstruction is ~1.2x the wrong response. It
+  parses with probability ``--parse-rate`` (paper: 80-90 %); an unparsable one has the
+  same text without the ``<reconstruction>`` tags.
+
+Two knobs decide what the construction phase costs and are printed with the result:
+
+* ``--template scaled`` (default): the built-in ``micro`` template with its instructions
+  cut to ``--template-ratio`` (0.4) x the mean response length. The built-in text is
+  ~2,000 characters, i.e. ~450 Qwen3 tokens next to responses of ~1,000+ tokens in the
+  paper's setting; with this character-level tokenizer it is ~2,000 tokens next to
+  responses of ~130, which would make every construction prompt ~15x a response and
+  overstate construction prefill and attention by an order of magnitude.
+  ``--template builtin`` measures that case anyway.
+* ``--decode-model copy`` (default): the scripted rollout decodes with a plain module
+  (no ZeRO-3 hooks), as ``TapoRollout`` does with ``gather: once``. ``engine`` decodes
+  through the ZeRO-3 engine's module (a parameter fetch per layer per token).
+
+The scripted rollout does not drop finished rows (``TapoRollout`` does): every generate call
+decodes all rows to the longest one, in both arms.
 
 Arms alternate (ABAB..., the order flipped every round) after one untimed warm-up step each;
-arm i at round r trains on the same questions as the other arm at round r. Per-phase medians
-are printed for both arms, with the training work of each (sequences, tokens), so that the
-step-time ratio can be read against the extra samples TAPO trains on. The ratio is LAST.
+at round r both arms get the same questions. Per-phase medians are printed for both arms,
+with the training work of each (sequences, tokens), so that the step-time ratio can be read
+against the extra samples TAPO inherently trains on. The ratio is printed LAST.
 """
 
 from __future__ import annotations
@@ -58,7 +75,7 @@ WRONG_RE = re.compile(r"## Incorrect response\n(.*?)\n\n## Correct response", re
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per arm (after 1 warm-up step each)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per arm (after 1 warm-up step each)")
     p.add_argument("--hidden", type=int, default=256, help="tiny Qwen3 hidden size")
     p.add_argument("--layers", type=int, default=4, help="tiny Qwen3 layers")
     p.add_argument("--questions", type=int, default=4, help="B, questions per step")
@@ -361,8 +378,11 @@ def main():
     print(f"training work ratio (tapo / grpo): sequences {t['seqs'] / g['seqs']:.2f}, response tokens "
           f"{t['resp'] / g['resp']:.2f}, prompt+response tokens {t['tokens'] / g['tokens']:.2f}")
     print(f"phase ratios (tapo / grpo): rollout {t['rollout'] / g['rollout']:.2f}, "
-          f"update {t['update'] / g['update']:.2f}; construct adds {t['construct']:.2f}s "
+          f"update {t['update'] / g['update']:.2f} (per prompt+response token "
+          f"{(t['update'] / t['tokens']) / (g['update'] / g['tokens']):.2f}); construct adds {t['construct']:.2f}s "
           f"({t['construct'] / g['step']:.0%} of a grpo step)")
+    print(f"ratio without the construct phase (tapo step - construct) / grpo step: "
+          f"{(t['step'] - t['construct']) / g['step']:.2f}")
     print(f"bench wall time {time.perf_counter() - T_START:.0f}s (start-up, 2 warm-up and "
           f"{2 * args.steps} timed steps)")
     print(f"ratio (tapo / grpo median step time): {t['step'] / g['step']:.2f}", flush=True)

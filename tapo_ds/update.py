@@ -95,10 +95,13 @@ def optimizer_step(engine, samples: Sequence[Sample], indices: Sequence[int], se
     loss_fn = get_policy_loss(settings.policy_loss)
     kl_fn = get_kl_estimator(settings.kl_estimator) if ref_logp is not None else None
 
-    total = torch.zeros(4, dtype=torch.float64, device=device)  # loss, clipped tokens, kl, tokens
+    # loss, clipped tokens, kl, tokens, entropy sum and tokens of original samples
+    total = torch.zeros(6, dtype=torch.float64, device=device)
     for mb in mbs:
         fused_weights = callable(token_weights) and bool(mb.part.any())
-        logp, entropy = forward_logp(engine, mb, with_entropy=fused_weights)
+        # The entropy comes from the same chunked pass as the log-probs (cheap): a metric, and
+        # the OTS weights of on-policy constructed samples.
+        logp, entropy = forward_logp(engine, mb, with_entropy=True)
         mask = mb.response_mask
         old = _pad_rows([old_logp[i] for i in mb.index], mb, 0.0) if old_logp is not None else logp.detach()
         if callable(token_weights):
@@ -122,12 +125,16 @@ def optimizer_step(engine, samples: Sequence[Sample], indices: Sequence[int], se
         valid = float(mask.sum())
         total[1] += out.metrics.get("actor/clip_frac", 0.0) * valid
         total[3] += valid
+        original = mask * (mb.part == 0).unsqueeze(1)
+        total[4] += float((entropy.detach() * original).sum())
+        total[5] += float(original.sum())
     engine.step()
     all_reduce_(total, "sum")
     tokens = max(float(total[3]), 1.0)
     metrics = {
         "actor/pg_loss": float(total[0]),
         "actor/clip_frac": float(total[1]) / tokens,
+        "actor/entropy": float(total[4]) / max(float(total[5]), 1.0),
         "actor/grad_norm": _grad_norm(engine),
         "actor/lr": engine.get_lr()[0],
     }

@@ -41,7 +41,8 @@ def test_run_resume_export(tmp_path, algorithm):
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("rollout/reward_mean", "rollout/acc", "rollout/response_len_mean", "rollout/truncated_rate",
-                "rollout/zero_std_group_frac", "actor/pg_loss", "actor/clip_frac", "actor/grad_norm", "actor/lr",
+                "rollout/zero_std_group_frac", "actor/pg_loss", "actor/clip_frac", "actor/entropy", "actor/grad_norm",
+                "actor/lr",
                 "timing/rollout", "timing/update", "perf/tokens_per_s"):
         assert key in rows[-1], key
     if algorithm == "tapo":

@@ -107,3 +107,14 @@ def test_grpo_path_unchanged_when_construction_never_fires(tmp_path, grader):
     assert mt["tapo/pairs"] == 0
     for key in ("actor/pg_loss", "actor/grad_norm", "rollout/reward_mean"):
         assert mg[key] == mt[key], key
+
+
+def test_several_updates_per_rollout_with_kl(tmp_path, grader):
+    """ppo_epochs x mini_batches > 1: old log-probs and OTS weights come from a separate pre-update
+    pass; the KL to the frozen initial policy is logged and starts at zero."""
+    m, _, _ = one_step(tmp_path, grader, ["algorithm.name=tapo", "algorithm.ppo_epochs=2",
+                                          "algorithm.mini_batches=2", "algorithm.kl_coef=0.1",
+                                          "algorithm.kl_estimator=k3"], n_right=3)
+    assert 0.01 <= m["tapo/ots_weight_mean"] <= 10.0
+    assert m["actor/kl"] >= 0.0 and m["actor/kl"] < 1e-2  # k3 >= 0, and the policy barely moved
+    assert m["actor/grad_norm"] > 0 and "actor/entropy" in m
