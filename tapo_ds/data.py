@@ -27,7 +27,7 @@ def load_examples(sources: Sequence[str], problem_field: str, answer_field: str,
     for src in sources:
         path = Path(src)
         if path.suffix == ".jsonl" or path.suffix == ".json":
-            rows = _jsonl_rows(path)
+            rows = jsonl_rows(path)
         elif path.suffix == ".parquet":
             rows = _parquet_rows(path)
         elif path.exists():
@@ -43,7 +43,8 @@ def load_examples(sources: Sequence[str], problem_field: str, answer_field: str,
     return out
 
 
-def _jsonl_rows(path: Path):
+def jsonl_rows(path: Path):
+    """(``file:line``, object) for every non-blank line; bad JSON is an error naming the line."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     with path.open(encoding="utf-8") as fh:
@@ -54,6 +55,8 @@ def _jsonl_rows(path: Path):
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected an object, got {type(row).__name__}")
             yield f"{path}:{lineno}", row
 
 

@@ -6,14 +6,13 @@ step of the registered ``nll`` loss with token-mean aggregation over the global 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from tapo_ds.algorithms import PolicyLossParams
 from tapo_ds.batch import Sample
-from tapo_ds.data import DataError, encode, render_chat, shard
+from tapo_ds.data import DataError, encode, jsonl_rows, render_chat, shard
 from tapo_ds.update import LossSettings, optimizer_step
 
 SFT_LOSS = LossSettings(policy_loss="nll", clip=PolicyLossParams(), agg_mode="token-mean", part_scale=(1.0, 0.0))
@@ -31,29 +30,16 @@ def load_sft_rows(files: Sequence[str], tokenizer, *, prompt_field: str, respons
     ``max_seq_tokens`` are dropped (and counted) rather than truncated into a wrong target."""
     rows, too_long = [], 0
     for src in files:
-        path = Path(src)
-        if not path.is_file():
-            raise DataError(f"{path}: file not found")
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected an object")
-                for field in (prompt_field, response_field):
-                    if not isinstance(row.get(field), str) or not row[field]:
-                        raise DataError(f"{where}: missing or empty field {field!r}")
-                prompt = encode(tokenizer, render_chat(tokenizer, row[prompt_field], chat_template_kwargs))
-                response = encode(tokenizer, row[response_field]) + [tokenizer.eos_token_id]
-                if len(prompt) + len(response) > max_seq_tokens:
-                    too_long += 1
-                    continue
-                rows.append(SFTRow(prompt, response))
+        for where, row in jsonl_rows(Path(src)):
+            for field in (prompt_field, response_field):
+                if not isinstance(row.get(field), str) or not row[field]:
+                    raise DataError(f"{where}: missing or empty field {field!r}")
+            prompt = encode(tokenizer, render_chat(tokenizer, row[prompt_field], chat_template_kwargs))
+            response = encode(tokenizer, row[response_field]) + [tokenizer.eos_token_id]
+            if len(prompt) + len(response) > max_seq_tokens:
+                too_long += 1
+                continue
+            rows.append(SFTRow(prompt, response))
     if not rows:
         raise DataError(f"{', '.join(map(str, files))}: no rows within sft.max_seq_tokens = {max_seq_tokens}")
     return rows, too_long

@@ -43,7 +43,7 @@ from ..trajectory import (
     render_construction_prompt,
     select_pairs,
 )
-from .constructor import format_construction, rule_constructor
+from .constructor import format_construction, int_or_none, rule_constructor
 from .errors import ERROR_KINDS, random_wrong_solution
 from .task import (
     PROMPT_TEMPLATE,
@@ -62,15 +62,6 @@ DEFAULT_MIX = {"gold": 0.5, "sft": 0.3, "ift": 0.2}
 # --------------------------------------------------------------------------- graders
 
 
-def _int_of(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text.strip())
-    except ValueError:
-        return None
-
-
 def synthetic_grader(pairs: Sequence[tuple[str, str]]) -> list[bool]:
     """Integer answers only, in-process: the last box of the response equals the gold integer.
 
@@ -79,8 +70,8 @@ def synthetic_grader(pairs: Sequence[tuple[str, str]]) -> list[bool]:
     """
     out = []
     for response, gold in pairs:
-        g = _int_of(last_boxed(gold) if last_boxed(gold) is not None else gold)
-        r = _int_of(last_boxed(response))
+        g = int_or_none(last_boxed(gold) if last_boxed(gold) is not None else gold)
+        r = int_or_none(last_boxed(response))
         out.append(g is not None and r is not None and r == g)
     return out
 

@@ -63,7 +63,7 @@ class Diagnosis:
     resume: int       # gold steps [resume:] follow the reflection
 
 
-def _int_or_none(text: str | None) -> int | None:
+def int_or_none(text: str | None) -> int | None:
     if text is None:
         return None
     try:
@@ -134,7 +134,7 @@ def diagnose(question: str, wrong: str) -> Diagnosis | None:
             return Diagnosis(k, "skip", f"Step {k} is missing: the solution stops before {g.op}{g.b} (skipped step).",
                              wrong[:last_end], _check(k, g), k)
         boxed = last_boxed(final.group(1))
-        value = _int_or_none(final.group(1) if boxed is None else boxed)
+        value = int_or_none(final.group(1) if boxed is None else boxed)
         if value == problem.answer:
             return None  # the solution is right
         shown = "no number" if value is None else str(value)
