@@ -32,7 +32,7 @@ quickstart: $(STAMP)
 # Rebuild the shipped cold-start checkpoint (about 20-30 minutes on 2 cores).
 coldstart: $(STAMP)
 	$(PY) -m tapo_ds.synthetic make-data --out data/synthetic --train 3000 --test 200 --seed 0 \
-		--coldstart 10000 --mix gold=0.6,sft=0.25,ift=0.15 --max-value 99 --analysis checked --no-examples
+		--coldstart 8000 --mix gold=0.6,sft=0.25,ift=0.15 --max-value 30 --analysis checked --no-examples
 	$(VENV)/bin/deepspeed tapo_ds/main.py --config configs/miniature/coldstart.yaml
 	rm -rf checkpoints/miniature-coldstart && cp -r runs/miniature-coldstart/hf checkpoints/miniature-coldstart
 

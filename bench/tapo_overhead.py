@@ -56,6 +56,7 @@ import argparse
 import os
 import random
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -323,9 +324,9 @@ def main():
             def generate(request, sampling, _inner=inner_generate, _calls=calls):
                 res = _inner(request, sampling)
                 lengths = res.response_lengths.float()
-                _calls.append(dict(rows=len(lengths), prompt=float(request.prompt_attention_mask.sum(1).float().mean()),
-                                   mean=float(lengths.mean()), max=float(lengths.max()),
-                                   wall=res.stats["wall_s"]))
+                prompt = float(request.prompt_attention_mask.sum(1).float().mean())
+                _calls.append(dict(rows=len(lengths), prompt=prompt, mean=float(lengths.mean()),
+                                   max=float(lengths.max()), wall=res.stats["wall_s"]))
                 return res
             rollout.generate = generate
 
@@ -341,8 +342,8 @@ def main():
                         "rollout/acc"):
                 if key in m:
                     rec[key] = m[key]
-            extra = (f"  pairs {rec.get('tapo/pairs', 0):3.0f}  constructed {rec.get('tapo/constructed_samples', 0):3.0f}"
-                     if name == "tapo" else "")
+            extra = (f"  pairs {rec.get('tapo/pairs', 0):3.0f}  "
+                     f"constructed {rec.get('tapo/constructed_samples', 0):3.0f}" if name == "tapo" else "")
             print(f"  {'warm-up' if not timed else f'round {step - 1}'} {name}: step {rec['step']:6.2f}s  "
                   + "  ".join(f"{p} {rec[p]:.2f}" for p in PHASES[:-1])
                   + f"  seqs {rec['seqs']}  tokens {rec['tokens']}" + extra, flush=True)
@@ -357,7 +358,10 @@ def main():
             for name in order:
                 run(name, r + 1, timed=True)
 
-    med = {n: {k: statistics.median(x[k] for x in v) for k in v[0]} for n, v in results.items()}
+    shutil.rmtree(tmp, ignore_errors=True)
+    # A key missing from some steps (no construction call when nothing was selected): median of the others.
+    med = {n: {k: statistics.median(x[k] for x in v if k in x) for k in set().union(*v)}
+           for n, v in results.items()}
     print(f"\nmedians over {args.steps} timed steps per arm (seconds):")
     print("  arm   " + "".join(f"{p:>11s}" for p in PHASES) + "   seqs  resp_tok  all_tok")
     for n in ("grpo", "tapo"):
@@ -371,6 +375,9 @@ def main():
     for label, what, n in (("gen", "rollout generation", "grpo"), ("gen", "rollout generation", "tapo"),
                            ("cgen", "construction generation", "tapo")):
         x = med[n]
+        if label + "_rows" not in x:
+            print(f"{what} ({n}): none (no pair was selected)")
+            continue
         print(f"{what} ({n}, medians): {x[label + '_rows']:.0f} rows, prompt {x[label + '_prompt']:.0f} tokens, "
               f"output mean {x[label + '_mean']:.0f} / max {x[label + '_max']:.0f} tokens (decoded to the max: "
               f"no row dropping in the scripted rollout), {x[label + '_wall']:.2f}s")

@@ -83,9 +83,10 @@ def plan_micro_batches(samples: Sequence[Sample], micro_batch_size: int) -> list
 
 
 def split_mini_batches(n: int, mini_batches: int, generator: torch.Generator) -> list[list[int]]:
-    perm = torch.randperm(n, generator=generator).tolist()
-    size = -(-n // mini_batches)
-    return [perm[i:i + size] for i in range(0, n, size)] or [[]]
+    """Exactly ``mini_batches`` shuffled groups (some empty when n is small): every rank must run
+    the same number of optimizer steps, whatever its number of samples."""
+    perm = torch.randperm(n, generator=generator)
+    return [chunk.tolist() for chunk in torch.tensor_split(perm, mini_batches)]
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -168,6 +168,8 @@ class SFTConfig:
     max_seq_tokens: int = _f(2048, lo=2)
     batch_size: int = _f(16, lo=1, doc="sequences per optimizer step over all ranks")
     epochs: int = _f(1, lo=1)
+    max_steps: int = _f(0, lo=0, doc="stop after N steps (0 = all epochs); the LR schedule still spans "
+                                       "the epochs, so a stopped run equals the same step of a full one")
 
 
 @dataclass

@@ -148,6 +148,16 @@ def build_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, betas, e
     return engine, info
 
 
+def build_inference_engine(model: torch.nn.Module, ds_config: dict):
+    """A frozen model under DeepSpeed without optimizer (the KL reference, prefilter, data builder):
+    the same ZeRO partitioning as training, so an 8B reference fits where the policy does."""
+    import deepspeed
+
+    model.eval().requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    return engine
+
+
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce that is a no-op without a process group (tests, single process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() \

@@ -155,19 +155,15 @@ def build_constructor(cfg: Config, tokenizer, rollout, info, monitor):
 
 def build_reference(cfg: Config, info):
     """A frozen copy of the initial policy for the KL term (same loading path, no optimizer)."""
-    import deepspeed
-
     ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=cfg.algorithm.micro_batch_size,
                                    world_size=info.world_size, grad_clip=0.0, hybrid_engine=False,
                                    dtype=cfg.model.dtype)
     model, _ = build_model(cfg, ds_config)
-    model.eval().requires_grad_(False)
-    ref, *_ = deepspeed.initialize(model=model, config=ds_config)
-    return ref
+    return eng.build_inference_engine(model, ds_config)
 
 
 def run_sft(cfg: Config, resume_arg: str | None) -> dict:
-    """Cold-start SFT: steps = ceil(sft.epochs x rows / sft.batch_size)."""
+    """Cold-start SFT: steps = ceil(sft.epochs x rows / sft.batch_size), or fewer with sft.max_steps."""
     import math
 
     from tapo_ds.sft import SFTTrainer, load_sft_rows
@@ -183,8 +179,10 @@ def run_sft(cfg: Config, resume_arg: str | None) -> dict:
                                    response_field=sc.response_field,
                                    chat_template_kwargs=cfg.model.chat_template_kwargs,
                                    max_seq_tokens=sc.max_seq_tokens)
-    total = math.ceil(sc.epochs * len(rows) / sc.batch_size)
-    engine, info, tokenizer, _ = setup_engine(cfg, world, cfg.algorithm.micro_batch_size, total_steps=total)
+    schedule_steps = math.ceil(sc.epochs * len(rows) / sc.batch_size)
+    total = min(schedule_steps, sc.max_steps) if sc.max_steps else schedule_steps
+    engine, info, tokenizer, _ = setup_engine(cfg, world, cfg.algorithm.micro_batch_size,
+                                              total_steps=schedule_steps)
     run_dir = _prepare_run_dir(cfg, info.rank)
     monitor = Monitor(run_dir, enabled=info.rank == 0, tensorboard=cfg.logging.tensorboard,
                       progress_bar=cfg.logging.progress_bar, total_steps=total, desc=f"{cfg.name} (sft)",
@@ -254,15 +252,12 @@ def _inference_engine(cfg: Config, path: str):
     """A DeepSpeed engine without optimizer (ZeRO-3 partitioned loading for big models)."""
     import dataclasses
 
-    import deepspeed
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=1, world_size=world, grad_clip=0.0,
                                    hybrid_engine=False, dtype=cfg.model.dtype)
     model, tokenizer = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path)),
                                    ds_config)
-    model.eval().requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine = eng.build_inference_engine(model, ds_config)
     rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
                           tokenizer.pad_token_id, seed=cfg.seed, gather=cfg.rollout.gather,
                           module_factory=modeling.model_factory(engine.module.config))

@@ -150,7 +150,6 @@ class RLTrainer:
         on_policy = self.s.ppo_epochs == 1 and self.s.mini_batches == 1
         needs_ots = self.constructor is not None and self.constructor.ots_enabled
         old_logp = token_weights = ref_logp = None
-        metrics: dict = {}
         if on_policy:
             token_weights = self.constructor.ots_weight_fn() if needs_ots else None
         else:
@@ -161,11 +160,15 @@ class RLTrainer:
         if self.ref_engine is not None:
             ref_logp, _ = per_token_stats(self.ref_engine, samples, mbs, self.pad_id, dev, with_entropy=False)
         gen = torch.Generator().manual_seed(self.s.seed * 7919 + step)
+        updates = []
         for _ in range(self.s.ppo_epochs):
             for indices in split_mini_batches(len(samples), self.s.mini_batches, gen):
-                metrics = optimizer_step(self.engine, samples, indices, self.s.loss, micro_batch_size=mbs,
-                                         pad_id=self.pad_id, old_logp=old_logp, token_weights=token_weights,
-                                         ref_logp=ref_logp, world_size=self.info.world_size)
+                updates.append(optimizer_step(self.engine, samples, indices, self.s.loss, micro_batch_size=mbs,
+                                              pad_id=self.pad_id, old_logp=old_logp, token_weights=token_weights,
+                                              ref_logp=ref_logp, world_size=self.info.world_size))
+        # Means over the step's optimizer updates; the learning rate is the last one's.
+        metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+        metrics["actor/lr"] = updates[-1]["actor/lr"]
         if needs_ots:
             metrics.update(self.constructor.pop_ots_metrics(dev))
         return metrics

@@ -30,6 +30,14 @@ def run(args, tmp_path, name, extra=(), launcher=None, timeout=300):
     return proc
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -75,7 +83,9 @@ def test_resume_matches_uninterrupted(tmp_path):
 
 
 def test_two_ranks_zero3(tmp_path):
-    proc = run([], tmp_path, "two", ["total_steps=1"], launcher=[DEEPSPEED, "--num_gpus", "2"], timeout=400)
+    # TAPO on 2 ranks: the construct phase's metrics are all-reduced too
+    proc = run([], tmp_path, "two", ["total_steps=1", "algorithm.name=tapo"],
+               launcher=[DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())], timeout=400)
     rows = metrics(tmp_path / "two")
     assert [r["step"] for r in rows] == [1]
     assert "2 rank(s)" in proc.stdout + proc.stderr
