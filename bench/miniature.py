@@ -1,7 +1,7 @@
 """The miniature experiment (issue 5): GRPO vs TAPO and TAPO's ablations from the same cold-start
 checkpoint, at equal steps and equal rollouts, over several seeds; held-out pass@1 mean ± std.
 
-    .venv/bin/python bench/miniature.py --seeds 1 2 3 --steps 30 --arms grpo tapo
+    .venv/bin/python bench/miniature.py --seeds 1 2 3 --steps 60 --arms grpo tapo --jobs 2
     .venv/bin/python bench/miniature.py --arms grpo tapo no_dae no_ots no_negative full
 
 Each (arm, seed) is one ordinary run of ``tapo_ds/main.py`` with ``configs/quickstart.yaml``
@@ -53,6 +53,11 @@ def run(args: list[str], log: Path) -> None:
         raise SystemExit(f"run failed ({proc.returncode}); see {log}")
 
 
+def _finished(run_dir: Path, steps: int) -> bool:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return any(r["step"] == steps and "eval/test/pass@1" in r for r in rows)
+
+
 def last_eval(run_dir: Path, key: str) -> float:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     values = [r[key] for r in rows if key in r]
@@ -65,9 +70,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", nargs="+", default=["grpo", "tapo"], choices=sorted(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--questions", type=int, default=400, help="training questions given to the prefilter")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "miniature-bench")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (each then uses 1 torch thread)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     common = [f"--set=output_dir={a.out}", f"--set=total_steps={a.steps}", "--set=logging.progress_bar=false",
@@ -87,17 +93,26 @@ def main() -> None:
     rows = [json.loads(x) for x in (base_dir / "metrics.jsonl").read_text().splitlines()]
     before = next(r["eval/test/pass@1"] for r in rows if r["step"] == 0)
 
-    results: dict[str, list[float]] = {}
-    for arm in a.arms:
-        for seed in a.seeds:
-            name = f"{arm}-s{seed}"
-            if not (a.out / name / "metrics.jsonl").is_file():
-                t0 = time.time()
-                run(common + [train, f"--set=name={name}", f"--set=seed={seed}", "--set=evaluation.at_start=false",
-                              f"--set=evaluation.every={a.steps}"] + [f"--set={s}" for s in ARMS[arm]],
-                    a.out / f"{name}.log")
-                print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
-            results.setdefault(arm, []).append(last_eval(a.out / name, "eval/test/pass@1"))
+    threads = ["--set=torch_threads=1"] if a.jobs > 1 else []
+
+    def one(arm_seed):
+        arm, seed = arm_seed
+        name = f"{arm}-s{seed}"
+        if not (a.out / name / "metrics.jsonl").is_file() or not _finished(a.out / name, a.steps):
+            t0 = time.time()
+            run(common + threads + [train, f"--set=name={name}", f"--set=seed={seed}",
+                                    "--set=evaluation.at_start=false", f"--set=evaluation.every={a.steps}"]
+                + [f"--set={s}" for s in ARMS[arm]], a.out / f"{name}.log")
+            print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
+        return arm, last_eval(a.out / name, "eval/test/pass@1")
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(arm, seed) for arm in a.arms for seed in a.seeds]
+    results: dict[str, list[float]] = {arm: [] for arm in a.arms}
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        for arm, value in pool.map(one, jobs):  # map keeps the seed order within each arm
+            results[arm].append(value)
 
     lines = [f"held-out pass@1 after {a.steps} steps (seeds {a.seeds}); before RL: {100 * before:.1f}%",
              "| arm | mean | std | per seed |", "|---|---|---|---|"]
