@@ -30,52 +30,13 @@ from eval.metrics import PASS_KS, majority_vote, pass_at_k, summarize
 
 
 def build_tiny_model(out_dir, seed: int = 0) -> Path:
-    """A random Qwen2 with one layer and a byte-level BPE tokenizer trained on a few
-    strings, with a chat template, saved to `out_dir` (about 100 kB)."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """The project's tiny Qwen3 (random weights, local tokenizer) as an HF folder lm-eval can load."""
+    from tapo_ds.modeling import build_tiny_model_and_tokenizer, export_hf
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [
-        "Find the number of ordered pairs $(x, y)$ such that \\frac{a}{b} = 2.",
-        "Please reason step by step, and put your final answer within \\boxed{}.",
-        "The answer is \\boxed{204}.",
-    ]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        max_position_embeddings=40960,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    out = Path(out_dir)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    model, tokenizer = build_tiny_model_and_tokenizer(seed=seed, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=1, num_attention_heads=2,
+                                                      num_key_value_heads=1, head_dim=16)
+    return export_hf(model, tokenizer, out_dir)
 
 
 def brute_pass_at_k(correct: list[bool], k: int) -> Fraction:
