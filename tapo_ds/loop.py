@@ -24,7 +24,7 @@ class LoopState:
 
 def run_loop(*, step_fn: Callable[[int], dict], state: LoopState, total_steps: int, engine, tokenizer,
              monitor, run_dir: Path, ckpt_every: int, keep_last: int, export_hf: bool, rank: int,
-             bar_fields: tuple[str, ...] = ()) -> dict:
+             bar_fields: dict[str, str] | None = None) -> dict:
     """Run steps ``state.step + 1 .. total_steps``; returns the last step's metrics."""
     ckpt_dir = run_dir / "checkpoints"
     metrics: dict = {}
@@ -34,7 +34,7 @@ def run_loop(*, step_fn: Callable[[int], dict], state: LoopState, total_steps: i
             if key.endswith("loss") and isinstance(value, float) and not math.isfinite(value):
                 raise FloatingPointError(f"step {step}: {key} is {value}; stopping before the weights degrade")
         monitor.scalars(metrics, step)
-        monitor.progress({k.split("/")[-1]: metrics[k] for k in bar_fields if k in metrics})
+        monitor.progress({label: metrics[k] for label, k in (bar_fields or {}).items() if k in metrics})
         state.step = step
         if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
             save(engine, state, ckpt_dir, keep_last, rank)

@@ -98,7 +98,7 @@ def run_rl(cfg: Config, resume_arg: str | None) -> dict:
                                tokenizer=tokenizer, monitor=monitor, run_dir=run_dir,
                                ckpt_every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last,
                                export_hf=cfg.checkpoint.export_hf, rank=info.rank,
-                               bar_fields=("rollout/reward_mean", "timing/step"))
+                               bar_fields={"reward": "rollout/reward_mean", "s/step": "timing/step"})
         finally:
             monitor.close()
     return metrics
@@ -213,7 +213,7 @@ def run_sft(cfg: Config, resume_arg: str | None) -> dict:
             return run_loop(step_fn=step_fn, state=state, total_steps=total, engine=engine, tokenizer=tokenizer,
                             monitor=monitor, run_dir=run_dir, ckpt_every=cfg.checkpoint.every,
                             keep_last=cfg.checkpoint.keep_last, export_hf=cfg.checkpoint.export_hf,
-                            rank=info.rank, bar_fields=("sft/loss",))
+                            rank=info.rank, bar_fields={"loss": "sft/loss"})
         finally:
             monitor.close()
 
