@@ -52,8 +52,12 @@ def save(engine, state: LoopState, ckpt_dir: Path, keep_last: int, rank: int) ->
     checkpoint.save(engine, ckpt_dir, state.step, client, keep_last, rank)
 
 
-def resume(engine, state: LoopState, resume_arg: str | None, run_dir: Path, monitor) -> None:
-    where = checkpoint.resolve_resume(resume_arg, run_dir / "checkpoints")
+def resume_target(resume_arg: str | None, run_dir: Path):
+    """Where ``--resume`` points, checked before any model is loaded (a typo fails in a second)."""
+    return checkpoint.resolve_resume(resume_arg, run_dir / "checkpoints")
+
+
+def resume(engine, state: LoopState, where, monitor) -> None:
     if where is None:
         return
     client = checkpoint.load(engine, where)

@@ -40,11 +40,21 @@ def main(argv=None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tapo_ds.checkpoint import CheckpointError
+    from tapo_ds.data import DataError
     from tapo_ds.engine import init_distributed
     from tapo_ds.stages import run_stage
 
     init_distributed()
-    run_stage(cfg, args.resume)
+    try:
+        run_stage(cfg, args.resume)
+    except ConfigError as exc:  # a setting that only the stage can check (e.g. against the rank count)
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError) as exc:
+        # Bad input named by place (file:line, checkpoint path): one line, no traceback.
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -15,9 +15,9 @@ from deepspeed.runtime.rollout.base import SamplingConfig
 from tapo_ds import engine as eng
 from tapo_ds import modeling
 from tapo_ds.algorithms import AdvantageParams, PolicyLossParams
-from tapo_ds.config import Config, save_config
+from tapo_ds.config import Config, ConfigError, save_config
 from tapo_ds.data import EpochSampler, load_examples, prepare
-from tapo_ds.loop import LoopState, resume, run_loop
+from tapo_ds.loop import LoopState, resume, resume_target, run_loop
 from tapo_ds.monitor import Monitor
 from tapo_ds.reward import GradingPool
 from tapo_ds.rollout import TapoRollout
@@ -63,12 +63,14 @@ def _prepare_run_dir(cfg: Config, rank: int) -> Path:
 def run_rl(cfg: Config, resume_arg: str | None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.rollout.questions_per_step % world:
-        raise ValueError(f"rollout.questions_per_step: {cfg.rollout.questions_per_step} is not divisible by "
+        raise ConfigError(f"rollout.questions_per_step: {cfg.rollout.questions_per_step} is not divisible by "
                          f"the {world} ranks")
+    where = resume_target(resume_arg, cfg.run_dir)
+    d = cfg.data
+    # Rows are validated before the model loads: a bad line fails in seconds, not after minutes.
+    examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
     engine, info, tokenizer, _ = setup_engine(cfg, world, cfg.algorithm.micro_batch_size)
     run_dir = _prepare_run_dir(cfg, info.rank)
-    d = cfg.data
-    examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
     train, too_long = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
                               d.max_prompt_tokens)
     monitor = Monitor(run_dir, enabled=info.rank == 0, tensorboard=cfg.logging.tensorboard,
@@ -78,7 +80,7 @@ def run_rl(cfg: Config, resume_arg: str | None) -> dict:
                     f"{info.world_size} rank(s), ZeRO stage {info.zero_stage}, algorithm {cfg.algorithm.name}")
     sampler = EpochSampler(len(train), cfg.seed, d.shuffle)
     state = LoopState(step=0, sampler=sampler)
-    resume(engine, state, resume_arg, run_dir, monitor)
+    resume(engine, state, where, monitor)
     if monitor.bar is not None:
         monitor.bar.n = state.step
 
@@ -171,7 +173,8 @@ def run_sft(cfg: Config, resume_arg: str | None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sc = cfg.sft
     if sc.batch_size % world:
-        raise ValueError(f"sft.batch_size: {sc.batch_size} is not divisible by the {world} ranks")
+        raise ConfigError(f"sft.batch_size: {sc.batch_size} is not divisible by the {world} ranks")
+    where = resume_target(resume_arg, cfg.run_dir)
     # The tokenizer is needed to count steps before the engine (and its LR schedule) exists.
     tokenizer = build_model(cfg, {})[1] if cfg.model.path == "tiny" else modeling.load_tokenizer(
         cfg.model.path, cfg.model.trust_remote_code)
@@ -191,7 +194,7 @@ def run_sft(cfg: Config, resume_arg: str | None) -> dict:
                     f"{total} steps of {sc.batch_size}, {info.world_size} rank(s), ZeRO stage {info.zero_stage}")
     sampler = EpochSampler(len(rows), cfg.seed, True)
     state = LoopState(step=0, sampler=sampler)
-    resume(engine, state, resume_arg, run_dir, monitor)
+    resume(engine, state, where, monitor)
     if monitor.bar is not None:
         monitor.bar.n = state.step
     trainer = SFTTrainer(engine=engine, info=info, rows=rows, sampler=sampler, batch_size=sc.batch_size,
@@ -223,7 +226,7 @@ def run_prefilter(cfg: Config, resume_arg: str | None) -> dict:
     from tapo_ds.prefilter import PrefilterResult, count_correct, gather_counts, write_filtered
 
     if resume_arg:
-        raise ValueError("--resume: the prefilter stage has nothing to resume; run it again")
+        raise ConfigError("--resume: the prefilter stage has nothing to resume; run it again")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     engine, tokenizer, rollout = _inference_engine(cfg, cfg.model.path)
     rank = torch.distributed.get_rank()
@@ -273,9 +276,9 @@ def run_coldstart(cfg: Config, resume_arg: str | None) -> dict:
     from tapo_ds.trajectory import load_template
 
     if resume_arg:
-        raise ValueError("--resume: the coldstart stage has nothing to resume; run it again")
+        raise ConfigError("--resume: the coldstart stage has nothing to resume; run it again")
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        raise ValueError("stage coldstart runs on one rank (launch without --num_gpus > 1)")
+        raise ConfigError("stage: coldstart runs on one rank (launch without --num_gpus > 1)")
     c, d, r, t = cfg.coldstart, cfg.data, cfg.rollout, cfg.tapo
     engine, tokenizer, rollout = _inference_engine(cfg, cfg.model.path)
     run_dir = _prepare_run_dir(cfg, 0)

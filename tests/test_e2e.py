@@ -99,3 +99,15 @@ def test_config_error_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "config error: rollout.temprature: unknown key (did you mean 'temperature'?); known: questions_per_step, "
         "samples_per_question, max_new_tokens, temperature, top_p, top_k, gather"]
+
+
+def test_bad_data_and_checkpoint_are_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "no answer"}\n')
+    for extra, expected in (([f"--set=data.train_files=[{bad}]"], f"DataError: {bad}:2: missing or empty field 'answer'"),
+                            (["--resume", str(tmp_path / "nope")], "CheckpointError: --resume")):
+        cmd = [PY, str(REPO / "tapo_ds" / "main.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+               f"--set=output_dir={tmp_path}"] + extra
+        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1].startswith(expected), proc.stderr[-2000:]
