@@ -124,6 +124,7 @@ class EvaluationConfig:
 class RewardConfig:
     num_workers: int = _f(2, lo=1)
     timeout: float = _f(5.0, lo=0.0, lo_open=True)
+    memory_mb: int = _f(2048, lo=0, doc="address space a grading worker may add (0 = no cap)")
 
 
 @dataclass

@@ -148,7 +148,24 @@ def _judge(answer: str, gold: str) -> tuple[bool, str | None]:
     return False, failure
 
 
-def _worker_main(conn) -> None:
+def _cap_memory(extra_mb: int) -> None:
+    """Limit the worker's address space to its warmed-up size plus ``extra_mb``: a hostile
+    answer (a huge power sympy decides to expand) then fails with MemoryError, counted as an
+    error, instead of taking the machine's memory within its time limit. Linux only."""
+    if extra_mb <= 0 or not os.path.exists("/proc/self/statm"):
+        return
+    import resource
+
+    with open("/proc/self/statm") as fh:
+        current = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = current + extra_mb * 2**20
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _worker_main(conn, memory_mb: int = 0) -> None:
     """Worker loop: receive (answer, gold), send ("done", correct, error); None stops."""
     # Ctrl-C goes to the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -157,6 +174,7 @@ def _worker_main(conn) -> None:
     # Warm up (lazy imports, regex compilation, parser tables) before reporting ready, so
     # the per-answer timeout measures grading, not start-up.
     _judge("\\frac{1}{2}", "0.5")
+    _cap_memory(memory_mb)
     conn.send(("ready",))
     while True:
         try:
@@ -204,14 +222,15 @@ class GradeResult:
 class _Worker:
     """One worker process and the parent's view of it."""
 
-    def __init__(self, ctx) -> None:
+    def __init__(self, ctx, memory_mb: int = 0) -> None:
         self.ctx = ctx
+        self.memory_mb = memory_mb
         self.start()
 
     def start(self) -> None:
         ctx = self.ctx
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True,
+        self.proc = ctx.Process(target=_worker_main, args=(child, self.memory_mb), daemon=True,
                                 name="tapo-grader")
         self.proc.start()
         # Without closing our copy of the child's end, a dead worker would never show EOF.
@@ -249,7 +268,7 @@ class GradingPool:
     the workers die at start-up and grade() raises after MAX_START_FAILURES tries).
     """
 
-    def __init__(self, num_workers: int = 2, timeout: float = 5.0) -> None:
+    def __init__(self, num_workers: int = 2, timeout: float = 5.0, memory_mb: int = 2048) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not timeout > 0:
@@ -260,7 +279,8 @@ class GradingPool:
         self._lock = threading.Lock()
         self._start_failures = 0
         self._closed = False
-        self._workers = [_Worker(self._ctx) for _ in range(num_workers)]
+        # memory_mb: address space each worker may add after warm-up (0 = no cap).
+        self._workers = [_Worker(self._ctx, memory_mb) for _ in range(num_workers)]
 
     @property
     def closed(self) -> bool:

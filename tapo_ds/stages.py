@@ -87,7 +87,8 @@ def run_rl(cfg: Config, resume_arg: str | None) -> dict:
     rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
                           tokenizer.pad_token_id, seed=cfg.seed, gather=cfg.rollout.gather,
                           module_factory=modeling.model_factory(engine.module.config))
-    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
+    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout,
+                     memory_mb=cfg.reward.memory_mb) as grader:
         trainer = make_rl_trainer(cfg, engine=engine, info=info, tokenizer=tokenizer, rollout=rollout,
                                   grader=grader, monitor=monitor, train=train, sampler=sampler)
         trainer.evaluator = build_evaluator(cfg, tokenizer, rollout, grader, info)
@@ -199,7 +200,8 @@ def run_sft(cfg: Config, resume_arg: str | None) -> dict:
         monitor.bar.n = state.step
     trainer = SFTTrainer(engine=engine, info=info, rows=rows, sampler=sampler, batch_size=sc.batch_size,
                          micro_batch_size=cfg.algorithm.micro_batch_size, pad_id=tokenizer.pad_token_id)
-    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
+    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout,
+                     memory_mb=cfg.reward.memory_mb) as grader:
         # Optional held-out evaluation (evaluation.*), e.g. to watch a cold start reach the RL band.
         rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
                               tokenizer.pad_token_id, seed=cfg.seed, gather=cfg.rollout.gather,
@@ -237,7 +239,8 @@ def run_prefilter(cfg: Config, resume_arg: str | None) -> dict:
                                   d.max_prompt_tokens)
     sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, n_samples_per_prompt=p.samples)
-    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
+    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout,
+                     memory_mb=cfg.reward.memory_mb) as grader:
         local = count_correct(questions[rank::world], rollout=rollout, grader=grader, tokenizer=tokenizer,
                               sampling=sampling, batch_questions=p.batch_questions, device=engine.device)
     result = PrefilterResult(gather_counts(local, rank, world), p.samples)
@@ -292,7 +295,8 @@ def run_coldstart(cfg: Config, resume_arg: str | None) -> dict:
                   construction_template=template, min_fidelity=c.min_fidelity or None, n_examples=c.examples,
                   count_tokens=lambda p: len(encode(tokenizer, render_chat(tokenizer, p, cfg.model.chat_template_kwargs))),
                   max_prompt_tokens=t.max_prompt_tokens)
-    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout) as grader:
+    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout,
+                     memory_mb=cfg.reward.memory_mb) as grader:
         texts, rewards = sample_and_grade(questions, rollout=rollout, grader=grader, tokenizer=tokenizer,
                                           sampling=sampling, batch_questions=c.batch_questions, device=engine.device)
         common = dict(questions=[q.example.problem for q in questions], answers=[q.example.answer for q in questions],

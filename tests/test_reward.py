@@ -223,3 +223,13 @@ def test_module_does_not_import_torch():
     code = "import sys, tapo_ds.reward; assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], cwd=repo, check=True)
+
+
+def test_memory_bomb_is_capped():
+    """2^(2^32) needs 512 MB as an exact integer: with the worker's address space capped it fails fast
+    (wrong, bounded) instead of growing until the time limit; the pool keeps working."""
+    with GradingPool(num_workers=1, timeout=30, memory_mb=64) as pool:
+        t0 = time.monotonic()
+        result = pool.grade([("\\boxed{2^{2^{32}}}", "1"), ("\\boxed{2}", "2")])
+        assert result.correct == [False, True]
+        assert result.timeouts == 0 and time.monotonic() - t0 < 25
