@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from tapo_ds.engine import gathered_state_dict
-from tapo_ds.modeling import export_hf
+from tapo_ds.modeling import export_hf, load_state_checked
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def export(engine, tokenizer, out_dir: Path, rank: int) -> Path | None:
         # The engine's own module holds partitioned (empty) tensors: save from a fresh copy.
         from transformers import AutoModelForCausalLM
 
-        module = AutoModelForCausalLM.from_config(engine.module.config)
-        module.load_state_dict(state, strict=False)
+        module = load_state_checked(AutoModelForCausalLM.from_config(engine.module.config), state,
+                                    f"export to {out_dir}")
         state = None
     return export_hf(module, tokenizer, out_dir, state_dict=state)

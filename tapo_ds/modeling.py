@@ -150,6 +150,17 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike,
     return out
 
 
+def load_state_checked(model: torch.nn.Module, state: dict, source: str) -> torch.nn.Module:
+    """Load a full state dict, allowing only a tied ``lm_head`` to be absent: a silently
+    missing tensor would otherwise leave random weights in an export."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{source}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    return model
+
+
 def load_gguf(folder: str | os.PathLike, gguf_file: str):
     """A GGUF checkpoint as a plain HF model + tokenizer (dequantised, float32).
 
@@ -159,12 +170,7 @@ def load_gguf(folder: str | os.PathLike, gguf_file: str):
     """
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    tied = {"lm_head.weight"} if getattr(loaded.config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{gguf_file}: rebuilt model does not match (missing {missing}, unexpected {unexpected})")
-    model.tie_weights()
+    model = load_state_checked(AutoModelForCausalLM.from_config(loaded.config), loaded.state_dict(), gguf_file)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

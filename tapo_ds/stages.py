@@ -177,7 +177,7 @@ def run_sft(cfg: Config, resume_arg: str | None) -> dict:
         raise ConfigError(f"sft.batch_size: {sc.batch_size} is not divisible by the {world} ranks")
     where = resume_target(resume_arg, cfg.run_dir)
     # The tokenizer is needed to count steps before the engine (and its LR schedule) exists.
-    tokenizer = build_model(cfg, {})[1] if cfg.model.path == "tiny" else modeling.load_tokenizer(
+    tokenizer = modeling.build_tiny_tokenizer() if cfg.model.path == "tiny" else modeling.load_tokenizer(
         cfg.model.path, cfg.model.trust_remote_code)
     rows, too_long = load_sft_rows(sc.train_files, tokenizer, prompt_field=sc.prompt_field,
                                    response_field=sc.response_field,
