@@ -7,16 +7,17 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: quickstart coldstart test bench venv clean
+.PHONY: quickstart coldstart test lint bench venv clean
 
 venv: $(STAMP)
 
 # torch first, from the local CPU wheel: anything that pulled a newer torch would fetch a CUDA build.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 # The miniature: prefilter the synthetic questions with the shipped cold-start checkpoint, TAPO on the
@@ -38,6 +39,9 @@ coldstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/rollout.py

@@ -130,6 +130,7 @@ def main():
     import deepspeed
     import deepspeed.comm as dist
     from deepspeed.runtime.rollout import HybridEngineRollout, RolloutRequest, SamplingConfig
+
     from tapo_ds.rollout import TapoRollout
 
     deepspeed.init_distributed(dist_backend="gloo")

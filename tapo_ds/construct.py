@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from deepspeed.runtime.rollout.base import RolloutRequest, SamplingConfig
@@ -18,8 +17,16 @@ from tapo_ds.batch import MicroBatch, Sample, left_pad
 from tapo_ds.data import encode, render_chat
 from tapo_ds.engine import all_reduce_
 from tapo_ds.trajectory import (
-    ConstructionStats, assemble, build_requests, load_template, ots_token_weights, ots_weight_sums,
-    ots_weights, parse_outputs, select_pairs)
+    ConstructionStats,
+    assemble,
+    build_requests,
+    load_template,
+    ots_token_weights,
+    ots_weight_sums,
+    ots_weights,
+    parse_outputs,
+    select_pairs,
+)
 
 
 @dataclass(frozen=True)

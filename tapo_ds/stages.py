@@ -16,7 +16,7 @@ from tapo_ds import engine as eng
 from tapo_ds import modeling
 from tapo_ds.algorithms import AdvantageParams, PolicyLossParams
 from tapo_ds.config import Config, ConfigError, save_config
-from tapo_ds.data import EpochSampler, load_examples, prepare
+from tapo_ds.data import EpochSampler, encode, load_examples, prepare, render_chat
 from tapo_ds.loop import LoopState, resume, resume_target, run_loop
 from tapo_ds.monitor import Monitor
 from tapo_ds.reward import GradingPool

@@ -15,8 +15,15 @@ from typing import Callable, Sequence
 import torch
 
 from tapo_ds.algorithms import (
-    GlobalCounts, PolicyLossParams, get_kl_estimator, get_policy_loss, local_counts, micro_batch_loss,
-    token_coefficients, token_logprobs_and_entropy)
+    GlobalCounts,
+    PolicyLossParams,
+    get_kl_estimator,
+    get_policy_loss,
+    local_counts,
+    micro_batch_loss,
+    token_coefficients,
+    token_logprobs_and_entropy,
+)
 from tapo_ds.batch import MicroBatch, Sample, collate, dummy_batch, plan_micro_batches
 from tapo_ds.engine import all_reduce_
 

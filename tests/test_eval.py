@@ -25,7 +25,6 @@ import pytest
 from eval import BENCHMARKS, TASKS_DIR
 from eval.metrics import PASS_KS, majority_vote, pass_at_k, summarize
 
-
 # ----------------------------------------------------------------------- helpers
 
 
@@ -177,9 +176,8 @@ def scripted_responses(pid: str, n: int) -> list[str]:
 def expected_task_metrics(task: str, n: int) -> dict[str, float]:
     """pass@k by k-subset enumeration, and the other metrics by their definitions,
     from the hand labels, averaged over the task's problems."""
-    from tapo_ds.reward import math_equal
-
     from eval.tasks.utils import grade
+    from tapo_ds.reward import math_equal
 
     per_problem = []
     for pid, _gold, answers in SCRIPT[task]:
@@ -279,9 +277,8 @@ def test_majority_vote_groups_equivalent_answers_and_splits_ties():
 
 
 def test_grading_is_the_trainers_math_equal():
-    from tapo_ds.reward import last_boxed, math_equal
-
     from eval.tasks.utils import grade
+    from tapo_ds.reward import last_boxed, math_equal
 
     for task, problems in SCRIPT.items():
         for pid, gold, answers in problems:

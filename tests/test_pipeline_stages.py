@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 from deepspeed.runtime.rollout.base import SamplingConfig
 
-from conftest import subprocess_env
 from tapo_ds.coldstart import BatchedModelConstructor, build_with_model
 from tapo_ds.data import load_examples, prepare
 from tapo_ds.modeling import build_tiny_tokenizer
@@ -17,7 +17,7 @@ from tapo_ds.reward import GradingPool
 from tapo_ds.scripted import ScriptedRollout
 from tapo_ds.synthetic.constructor import construct
 from tapo_ds.synthetic.errors import corrupt
-from tapo_ds.synthetic.task import generate_dataset, parse_problem, write_jsonl
+from tapo_ds.synthetic.task import generate_dataset, write_jsonl
 from tapo_ds.trajectory import DEFAULT_CONSTRUCTION_TEMPLATE
 
 REPO = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ from tapo_ds.synthetic import (
     synthetic_grader,
 )
 from tapo_ds.synthetic.__main__ import main as cli_main
-from tapo_ds.synthetic.task import apply, read_jsonl, sample_problem
+from tapo_ds.synthetic.task import apply, read_jsonl
 from tapo_ds.trajectory import (
     DEFAULT_CONSTRUCTION_TEMPLATE,
     parse_construction,

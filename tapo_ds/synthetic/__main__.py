@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .coldstart import DEFAULT_MIX, build_synthetic_mix, format_examples
+from .coldstart import DEFAULT_MIX, build_synthetic_mix
 from .constructor import ANALYSIS_STYLES, MODES
 from .errors import ERROR_KINDS
 from .task import PROMPT_TEMPLATE, SYNTHETIC_TEMPLATES, generate_dataset, read_jsonl, write_jsonl
