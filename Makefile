@@ -25,9 +25,9 @@ $(STAMP): requirements.txt pyproject.toml
 QUICKSTART_QUESTIONS ?= 400
 quickstart: $(STAMP)
 	$(VENV)/bin/deepspeed tapo_ds/main.py --config configs/quickstart.yaml --set stage=prefilter \
-		--set name=quickstart-prefilter --set data.limit=$(QUICKSTART_QUESTIONS)
+		--set name=quickstart-prefilter --set data.limit=$(QUICKSTART_QUESTIONS) --set overwrite=true
 	$(VENV)/bin/deepspeed tapo_ds/main.py --config configs/quickstart.yaml \
-		--set "data.train_files=[runs/quickstart-prefilter/filtered.jsonl]"
+		--set "data.train_files=[runs/quickstart-prefilter/filtered.jsonl]" --set overwrite=true
 	$(PY) -m tapo_ds.report runs/quickstart
 
 # Rebuild the shipped cold-start checkpoint (about 20-30 minutes on 2 cores).

@@ -1,4 +1,4 @@
-"""The paper's evaluation protocol over one checkpoint (../shared/TAPO.md §6).
+"""The paper's evaluation protocol over one checkpoint (docs/method.md §Evaluation).
 
 AIME 2024, AIME 2025 and HMMT February 2025; temperature 0.6, top-p 0.9 (the task
 YAMLs); n samples per problem and `runs` runs with seeds seed, seed+1, ...; Pass@1…5

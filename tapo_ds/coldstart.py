@@ -1,6 +1,6 @@
 """The cold-start data builder as a stage: sample K answers per question with a model, pair
 wrong and right answers as TAPO does, construct (with a model or the synthetic task's rule
-constructor), keep what verifies, write SFT-format and IFT-format files (TAPO.md §3).
+constructor), keep what verifies, write SFT-format and IFT-format files (docs/method.md §Cold start).
 
 The pure core is ``tapo_ds.synthetic.coldstart.build_coldstart``, which asks its constructor
 one pair at a time; a model constructs far faster in one batch, so the model path runs the

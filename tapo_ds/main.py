@@ -9,10 +9,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Run as a script (as the deepspeed launcher does), this file's folder heads sys.path and its
-# modules (data, engine, ...) would shadow top-level packages: put the repository root there.
-if sys.path and Path(sys.path[0]).resolve() == REPO / "tapo_ds":
-    sys.path[0] = str(REPO)
 # DeepSpeed's one-time op builds land in the repo's ignored cache and are reused.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
@@ -32,13 +28,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from tapo_ds import preflight
     from tapo_ds.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
+        preflight.check(cfg, args.resume)  # registry names, files, the run folder: before anything heavy
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    preflight.clear_run_dir(cfg, int(os.environ.get("RANK", "0")))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tapo_ds.checkpoint import CheckpointError
     from tapo_ds.data import DataError

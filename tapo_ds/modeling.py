@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 log = logging.getLogger(__name__)
@@ -140,11 +140,46 @@ def stop_token_ids(tokenizer, model_config=None) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+GGUF_QUANT_METHOD = "gguf"
+
+
+def drop_gguf_quantization(config) -> bool:
+    """Remove the ``quantization_config`` a GGUF load leaves on a config (and its text config); True if
+    there was one.
+
+    Our models from GGUF are dequantised plain models; left in ``config.json``, the key makes
+    ``from_pretrained`` (and lm-eval's ``hf`` model) refuse the folder without a ``gguf_file=``.
+    Other quantisation methods are kept: their weights are what the key says.
+    """
+    dropped = False
+    # A composite config holds the text model's config separately; a plain one returns itself (once).
+    for cfg in {id(c): c for c in (config, config.get_text_config(decoder=True))}.values():
+        quant = getattr(cfg, "quantization_config", None)
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        if method is not None and str(getattr(method, "value", method)) == GGUF_QUANT_METHOD:
+            del cfg.quantization_config
+            dropped = True
+    return dropped
+
+
+def make_plain_hf_folder(folder: str | os.PathLike) -> bool:
+    """Drop a GGUF ``quantization_config`` from a saved folder's ``config.json`` (one written before
+    exports dropped it); True if the file changed."""
+    config = AutoConfig.from_pretrained(folder)
+    if not drop_gguf_quantization(config):
+        return False
+    config.save_pretrained(folder)
+    return True
+
+
 def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike,
               state_dict: dict | None = None) -> Path:
-    """Write ``save_pretrained`` + tokenizer so lm-eval and ``from_pretrained`` read it."""
+    """Write ``save_pretrained`` + tokenizer so lm-eval and ``from_pretrained`` read it: a plain HF
+    folder, without the GGUF ``quantization_config`` of a model that came from a GGUF file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if drop_gguf_quantization(model.config):
+        log.info("export to %s: dropped the GGUF quantization_config (the weights are dequantised)", out)
     model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

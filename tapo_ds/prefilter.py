@@ -1,4 +1,4 @@
-"""The pass-rate prefilter (TAPO.md §3): K samples per question with a checkpoint, keep the
+"""The pass-rate prefilter (docs/method.md §Prefilter): K samples per question with a checkpoint, keep the
 questions whose pass rate lies in [low, high], write them, print the histogram.
 
 DCS only fires on questions the model sometimes solves; this stage spends RL steps there.

@@ -11,7 +11,12 @@ hundred nested braces make the LaTeX parser take seconds, and comparing sets nes
 works in the main thread and (b) only fires between bytecodes, so it cannot stop a long
 C-level computation. The only reliable bound is to
 kill the process, so the parent enforces a hard per-answer timeout, kills and respawns
-a worker that overruns, and counts the answer as wrong.
+a worker that overruns, and counts the answer as wrong. That timeout is the last line of
+defence: before any worker sees a pair, the parent refuses answers whose structure makes
+them astronomically costly (power towers, huge factorials, deep nesting; see
+``tapo_ds.answer_size``), counted wrong at once, and removes the percent and degree marks
+math-verify stumbles on (``50\\%`` equals ``50``, ``30°`` equals ``30``; see
+``tapo_ds.answer_forms``).
 
 This module must not import torch or deepspeed: the eval package imports it too.
 """
@@ -31,6 +36,9 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_conns
 from typing import Sequence
+
+from tapo_ds.answer_forms import plain_form
+from tapo_ds.answer_size import refusal_reason
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +96,7 @@ def _answer_of(response: str, require_box: bool = False) -> tuple[str | None, bo
 
     A response that mentions a box command but has no complete box (unclosed) has no
     answer; a short response with no box command at all is taken as a bare answer,
-    unless ``require_box`` (the training reward: TAPO.md's last-box rule).
+    unless ``require_box`` (the training reward, docs/method.md §Reward: last box only).
     """
     boxed = last_boxed(response)
     if boxed is not None:
@@ -194,20 +202,35 @@ def _worker_main(conn, memory_mb: int = 0) -> None:
 # --------------------------------------------------------------------------- parent side
 
 
+def _refused(answer: str, gold: str) -> bool:
+    """Whether the pair is refused by the structural check (linear time, no worker)."""
+    reason = refusal_reason(gold)
+    if reason is not None:  # a reference no answer can match: the data needs fixing
+        log.warning("reference refused unparsed (%s): %.80r", reason, gold)
+        return True
+    reason = refusal_reason(answer)
+    if reason is not None:
+        log.debug("answer refused unparsed (%s): %.80r", reason, answer)
+        return True
+    return False
+
+
 @dataclass
 class GradeResult:
     """Verdicts of one grade() call, in input order, with failure counts.
 
     ``errors`` counts answers that could not be graded cleanly (unparseable answer or gold,
     an exception, a crashed worker, an over-long answer, an empty gold); ``timeouts``
-    answers killed at the time limit; ``no_box`` responses without a complete box. All of
-    them are graded wrong.
+    answers killed at the time limit; ``refused`` answers (or golds) refused unparsed by the
+    structural check of ``tapo_ds.answer_size``; ``no_box`` responses without a complete
+    box. All of them are graded wrong.
     """
 
     correct: list[bool]
     timeouts: int = 0
     errors: int = 0
     no_box: int = 0
+    refused: int = 0
 
     def metrics(self) -> dict[str, float]:
         n = max(len(self.correct), 1)
@@ -216,6 +239,7 @@ class GradeResult:
             "reward/timeout_rate": self.timeouts / n,
             "reward/error_rate": self.errors / n,
             "reward/no_box_rate": self.no_box / n,
+            "reward/refused_rate": self.refused / n,
         }
 
 
@@ -330,6 +354,10 @@ class GradingPool:
             if not gold.strip() or len(answer) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
                 result.errors += 1
                 continue
+            answer, gold = plain_form(answer), plain_form(gold)
+            if _refused(answer, gold):
+                result.refused += 1
+                continue
             todo.append((i, answer, gold))
         if not todo:
             return result
@@ -441,7 +469,10 @@ def math_equal(prediction: str, gold: str, timeout: float = 5.0) -> bool:
     ``prediction`` is a whole response (its last box is graded; no complete box means
     wrong) or a bare answer (a string of at most MAX_BARE_CHARS with no box command).
     ``gold`` is an answer (``204``, ``\\frac{3}{4}``, ``(1, 2]``, ...) or a text whose last
-    box holds it. A timeout or a grading failure gives False. Thread-safe.
+    box holds it. Percent and degree marks ending a value are dropped on both sides first
+    (``50\\%``, ``50 %`` and ``50`` are equal; ``50\\%`` and ``0.5`` are not; see
+    ``tapo_ds.answer_forms``). A timeout, a grading failure or an answer refused by the
+    structural check gives False. Thread-safe.
     """
     return _get_default_pool().grade([(prediction, gold)], timeout=timeout).correct[0]
 

@@ -116,10 +116,11 @@ def make_rl_trainer(cfg: Config, *, engine, info, tokenizer, rollout, grader, mo
     settings = RLSettings(
         questions_per_step=r.questions_per_step, samples_per_question=r.samples_per_question,
         sampling=sampling, advantage=a.name,
-        advantage_params=AdvantageParams(eps=a.adv_eps, decoupled=cfg.tapo.decoupled_advantages),
+        advantage_params=AdvantageParams(eps=a.adv_eps, decoupled=cfg.tapo.decoupled_advantages,
+                                         equal_reward_groups=cfg.tapo.equal_reward_groups),
         loss=LossSettings(policy_loss=a.policy_loss, clip=PolicyLossParams(a.clip_low, a.clip_high),
-                          agg_mode=a.loss_agg, part_scale=(1.0, lam), kl_coef=a.kl_coef,
-                          kl_estimator=a.kl_estimator),
+                          agg_mode=a.loss_agg, part_scale=(1.0, lam), combination=cfg.tapo.loss_combination,
+                          kl_coef=a.kl_coef, kl_estimator=a.kl_estimator),
         ppo_epochs=a.ppo_epochs, mini_batches=a.mini_batches, micro_batch_size=a.micro_batch_size,
         text_every=cfg.logging.text_every, text_samples=cfg.logging.text_samples, seed=cfg.seed)
     constructor = None
@@ -283,14 +284,15 @@ def run_coldstart(cfg: Config, resume_arg: str | None) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise ConfigError("stage: coldstart runs on one rank (launch without --num_gpus > 1)")
     c, d, r, t = cfg.coldstart, cfg.data, cfg.rollout, cfg.tapo
+    # Rows and template are read before the model loads: a bad line fails in seconds, not after minutes.
+    examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
+    template = load_template(t.template or t.construction)
     engine, tokenizer, rollout = _inference_engine(cfg, cfg.model.path)
     run_dir = _prepare_run_dir(cfg, 0)
-    examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
     questions, too_long = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
                                   d.max_prompt_tokens)
     sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, n_samples_per_prompt=c.samples)
-    template = load_template(t.template or t.construction)
     kwargs = dict(n_pos=c.n_pos, n_neg=c.n_neg, m_max=c.m_max, seed=cfg.seed, prompt_template=d.prompt_template,
                   construction_template=template, min_fidelity=c.min_fidelity or None, n_examples=c.examples,
                   count_tokens=lambda p: len(encode(tokenizer, render_chat(tokenizer, p, cfg.model.chat_template_kwargs))),

@@ -135,15 +135,18 @@ class RLTrainer:
         out = self.estimator(rewards, [s.group_id for s in samples], constructed, self.s.advantage_params)
         for s, a in zip(samples, out.advantages.tolist()):
             s.advantage = a
-        # Estimator metrics are per rank: counts add up, fractions are weighted by group count.
+        # Estimator metrics are per rank: counts add up, fractions are weighted by group count,
+        # and ratios over other counts are divided once the counts are summed.
         groups = out.metrics.get("adv/num_groups", 0.0)
         keys = sorted(out.metrics)
         t = torch.tensor([out.metrics[k] * (groups if k.endswith("_frac") else 1.0) for k in keys],
                          dtype=torch.float64, device=self.info.device)
         all_reduce_(t, "sum")
         total_groups = float(t[keys.index("adv/num_groups")]) if "adv/num_groups" in keys else 0.0
-        return {k: float(v) / total_groups if k.endswith("_frac") and total_groups else float(v)
-                for k, v in zip(keys, t.tolist())}
+        reduced = {k: float(v) / total_groups if k.endswith("_frac") and total_groups else float(v)
+                   for k, v in zip(keys, t.tolist())}
+        reduced.update(out.fractions(reduced))
+        return reduced
 
     def update_phase(self, samples: list[Sample], step: int) -> dict:
         mbs, dev = self.s.micro_batch_size, self.info.device

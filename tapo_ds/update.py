@@ -34,6 +34,7 @@ class LossSettings:
     clip: PolicyLossParams
     agg_mode: str
     part_scale: tuple[float, float]  # (originals, constructed = lambda)
+    combination: str = "pooled"  # how the two parts meet in the aggregation (pooled | separate)
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
 
@@ -124,7 +125,7 @@ def optimizer_step(engine, samples: Sequence[Sample], indices: Sequence[int], se
             kl = kl_fn(logp, _pad_rows([ref_logp[i] for i in mb.index], mb, 0.0)) * mask
             per_token = per_token + settings.kl_coef * kl
             total[2] += float((kl.detach() * mask).sum())
-        coef = token_coefficients(mask, mb.part, scale, counts, settings.agg_mode)
+        coef = token_coefficients(mask, mb.part, scale, counts, settings.agg_mode, settings.combination)
         loss = micro_batch_loss(per_token, coef)
         # DeepSpeed averages gradients over ranks; the coefficients already normalise globally.
         engine.backward(loss * world_size, scale_wrt_gas=False)

@@ -4,6 +4,7 @@ that loss aggregation does not depend on micro-batching or data parallelism."""
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from tapo_ds.algorithms import (
     AdvantageParams,
     GlobalCounts,
     PolicyLossParams,
+    combination_names,
     deepspeed_loss_scale,
     get_advantage_estimator,
     get_kl_estimator,
@@ -27,6 +29,7 @@ from tapo_ds.algorithms import (
 
 EPS = 1e-6
 MODES = ["seq-mean-token-mean", "token-mean"]
+COMBINATIONS = ["pooled", "separate"]
 
 
 def _adv(name, rewards, group_ids, constructed=None, **params):
@@ -101,6 +104,93 @@ def test_tapo_singleton_and_all_equal_reflected_groups():
     assert out.metrics["tapo/reflected_groups"] == 3
     assert out.metrics["tapo/reflected_singletons"] == 2
     assert out.metrics["tapo/reflected_zero_std_groups"] == 1
+
+
+def test_tapo_equal_reward_groups_reward_gives_r_to_every_constant_reflected_group():
+    rewards = [1, 0, 1, 1,   0, 1, 0, 0,   0, 0, 0, 1, 1]
+    ids = ["a"] * 4 + ["b"] * 4 + ["c"] * 5
+    constructed = [False, False, True, True,   False, True, False, True,   False, False, True, False, True]
+    # a: originals [1, 0], reflected [1, 1];  b: originals [0, 0], reflected [1, 0];
+    # c: originals [0, 0, 1], reflected [0, 1].
+    zero = _adv("tapo", rewards, ids, constructed)
+    reward = _adv("tapo", rewards, ids, constructed, equal_reward_groups="reward")
+    # a_reflected [1, 1]: A = 0 under the paper's rule, A = r = 1 under "reward".
+    assert zero.advantages[[2, 3]].tolist() == [0.0, 0.0]
+    assert reward.advantages[[2, 3]].tolist() == [1.0, 1.0]
+    # Mixed groups, and constant groups that are not reflected (b's originals), are unchanged.
+    unchanged = [0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert torch.equal(zero.advantages[unchanged], reward.advantages[unchanged])
+    assert reward.advantages[[4, 6]].tolist() == [0.0, 0.0]
+    assert zero.metrics == reward.metrics
+
+
+def test_tapo_equal_reward_groups_reward_on_all_wrong_and_singletons():
+    # An all-wrong reflected group gets A = r = 0 under both rules; a singleton gets r under both.
+    rewards = [1, 0, 0, 0, 1]
+    ids = ["q", "q", "q", "q", "p"]
+    constructed = [False, False, True, True, False]
+    for rule in ("zero", "reward"):
+        out = _adv("tapo", rewards, ids, constructed, equal_reward_groups=rule)
+        assert out.advantages[[2, 3]].tolist() == [0.0, 0.0]
+        single = _adv("tapo", [1, 0, 1], ["q"] * 3, [False, False, True], equal_reward_groups=rule)
+        assert single.advantages[2].item() == 1.0
+    with pytest.raises(ValueError, match="reward.*zero"):
+        _adv("tapo", rewards, ids, constructed, equal_reward_groups="one")
+
+
+def test_tapo_reflected_mixed_frac_counts_groups_of_two_or_more():
+    # Reflected groups: m [1, 0] mixed, z [0, 0] and y [1, 1, 1] equal, s [1] a singleton (left out).
+    rewards = [1, 0,   1, 0,   1, 0,   0, 0,   0, 1,   1, 1, 1,   1, 0,   1]
+    ids = ["m"] * 4 + ["z"] * 4 + ["y"] * 5 + ["s"] * 3
+    constructed = [False, False, True, True,   False, False, True, True,
+                   False, False, True, True, True,   False, False, True]
+    out = _adv("tapo", rewards, ids, constructed)
+    assert out.metrics["tapo/reflected_groups"] == 4
+    assert out.metrics["tapo/reflected_singletons"] == 1
+    assert out.metrics["tapo/reflected_multi_groups"] == 3
+    assert out.metrics["tapo/reflected_mixed_groups"] == 1
+    assert out.metrics["tapo/reflected_zero_std_groups"] == 2
+    assert out.fractions() == {"tapo/reflected_mixed_frac": pytest.approx(1 / 3)}
+    # Only singletons (or nothing constructed): no denominator, reported as 0.
+    lonely = _adv("tapo", [1, 0, 1], ["q"] * 3, [False, False, True])
+    assert lonely.fractions() == {"tapo/reflected_mixed_frac": 0.0}
+
+
+def _phase_samples(prefix, questions):
+    """Samples of one rank: per question, (original rewards, reflected rewards)."""
+    from tapo_ds.batch import Sample
+
+    out = []
+    for q, (originals, reflected) in enumerate(questions):
+        gid = f"{prefix}q{q}"
+        out += [Sample([1], [2], gid, float(r)) for r in originals]
+        out += [Sample([1], [2], gid, float(r), constructed=True) for r in reflected]
+    return out
+
+
+def test_advantage_phase_reduces_reflected_mixed_frac_over_its_own_denominator(monkeypatch):
+    # The trainer's reduction over 2 simulated ranks: rank A holds one mixed reflected group
+    # (2 groups in all), rank B three all-wrong reflected groups and a question without
+    # constructions (7 groups). Right: 1 mixed / 4 reflected groups of size >= 2 = 0.25;
+    # weighting the per-rank fractions by group count would give 2/9.
+    import tapo_ds.trainer as trainer_mod
+
+    fake = SimpleNamespace(estimator=get_advantage_estimator("tapo"),
+                           s=SimpleNamespace(advantage_params=AdvantageParams()),
+                           info=SimpleNamespace(device="cpu"))
+    rank_a = _phase_samples("a", [([1, 0, 0, 0], [1, 0])])
+    rank_b = _phase_samples("b", [([1, 0, 0, 0], [0, 0])] * 3 + [([1, 0, 0, 0], [])])
+    sent = []
+    monkeypatch.setattr(trainer_mod, "all_reduce_", lambda t, op="sum": sent.append(t.clone()) or t)
+    trainer_mod.RLTrainer.advantage_phase(fake, rank_b)
+    monkeypatch.setattr(trainer_mod, "all_reduce_", lambda t, op="sum": t.add_(sent[0]))
+    reduced = trainer_mod.RLTrainer.advantage_phase(fake, rank_a)
+    assert reduced["tapo/reflected_mixed_frac"] == pytest.approx(0.25)
+    assert reduced["tapo/reflected_multi_groups"] == 4
+
+    monkeypatch.setattr(trainer_mod, "all_reduce_", lambda t, op="sum": t)
+    single = trainer_mod.RLTrainer.advantage_phase(fake, rank_a + rank_b)
+    assert reduced == pytest.approx(single)
 
 
 def test_tapo_not_decoupled_joins_original_group():
@@ -214,7 +304,7 @@ def test_two_sample_loss_original_plus_half_constructed(mode):
     mask = torch.tensor(MASK)
     part = torch.tensor([0, 1])
     coef = token_coefficients(mask, part, torch.tensor([1.0, 0.5], dtype=torch.float64),
-                              local_counts(mask, part), mode)
+                              local_counts(mask, part), mode, combination="separate")
     expected = (-1.0 - 1.2 - 0.9) / 3 + 0.5 * (1.6 + 0.55) / 2  # = -0.4958333...
     assert micro_batch_loss(out.per_token_loss, coef).item() == pytest.approx(expected, abs=1e-12)
 
@@ -228,11 +318,80 @@ def test_modes_differ_with_unequal_lengths():
     counts = local_counts(mask, part)
     assert counts.seqs.tolist() == [2, 1] and counts.tokens.tolist() == [4, 2]
     seq_mean = micro_batch_loss(loss, token_coefficients(mask, part, scale, counts,
-                                                         "seq-mean-token-mean"))
+                                                         "seq-mean-token-mean", "separate"))
     token_mean = micro_batch_loss(loss, token_coefficients(mask, part, scale, counts,
-                                                           "token-mean"))
+                                                           "token-mean", "separate"))
     assert seq_mean.item() == pytest.approx((3 + 1) / 2 + 0.5 * 3)  # 3.5
     assert token_mean.item() == pytest.approx(6 / 4 + 0.5 * 6 / 2)  # 3.0
+
+
+def test_pooled_is_one_aggregation_over_all_sequences():
+    # The data of test_modes_differ_with_unequal_lengths: originals [3] and [1, 1, 1], constructed
+    # [2, 4] with lambda = 0.5. Pooled: one mean over the 3 sequences (6 tokens); lambda scales
+    # the constructed sequence's per-token loss inside it.
+    loss = torch.tensor([[3.0, 0, 0], [1, 1, 1], [2, 4, 0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    part = torch.tensor([0, 0, 1])
+    scale = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    counts = local_counts(mask, part)
+    seq_mean = micro_batch_loss(loss, token_coefficients(mask, part, scale, counts,
+                                                         "seq-mean-token-mean", "pooled"))
+    token_mean = micro_batch_loss(loss, token_coefficients(mask, part, scale, counts,
+                                                           "token-mean", "pooled"))
+    assert seq_mean.item() == pytest.approx((3 + 1 + 0.5 * 3) / 3)  # 1.8333...
+    assert token_mean.item() == pytest.approx((6 + 0.5 * 6) / 6)  # 1.5
+    # Pooled is the default, as in the config.
+    assert torch.equal(token_coefficients(mask, part, scale, counts, "token-mean"),
+                       token_coefficients(mask, part, scale, counts, "token-mean", "pooled"))
+
+
+def _random_step(seed, B=10, T=6):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)  # some empty sequences
+    mask = (torch.arange(T) < lengths[:, None]).long()
+    part = torch.randint(0, 2, (B,), generator=g)
+    return mask, part
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pooled_with_lambda_one_is_plain_aggregation_over_the_union(mode, seed):
+    mask, part = _random_step(seed)
+    pooled = token_coefficients(mask, part, torch.tensor([1.0, 1.0], dtype=torch.float64),
+                                local_counts(mask, part), mode, "pooled")
+    # Plain GRPO aggregation: every sequence an original, one part.
+    union = torch.zeros_like(part)
+    plain = token_coefficients(mask, union, torch.tensor([1.0, 0.0], dtype=torch.float64),
+                               local_counts(mask, union), mode, "separate")
+    assert torch.equal(pooled, plain)
+    # The two readings really differ on this data (unless one part is empty).
+    separate = token_coefficients(mask, part, torch.tensor([1.0, 1.0], dtype=torch.float64),
+                                  local_counts(mask, part), mode, "separate")
+    assert not torch.allclose(separate, pooled)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_separate_reproduces_the_per_part_formula(mode, seed):
+    # The coefficients of the loss before the combination became a choice, written out.
+    mask, part = _random_step(seed)
+    scale = torch.tensor([1.0, 0.37], dtype=torch.float64)
+    counts = local_counts(mask, part)
+    m = mask.double()
+    if mode == "seq-mean-token-mean":
+        denominator = counts.seqs.double()[part] * m.sum(-1)
+    else:
+        denominator = counts.tokens.double()[part]
+    expected = torch.where(denominator > 0, scale[part] / denominator.clamp(min=1), 0.0)[:, None] * m
+    coef = token_coefficients(mask, part, scale, counts, mode, "separate")
+    torch.testing.assert_close(coef, expected, rtol=1e-15, atol=0)
+
+
+def test_unknown_combination_lists_the_known_ones():
+    assert combination_names() == ["pooled", "separate"]
+    with pytest.raises(ValueError, match="pooled.*separate"):
+        token_coefficients(torch.ones(1, 1), torch.zeros(1, dtype=torch.long),
+                           torch.ones(2), GlobalCounts.zeros(), combination="mean")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -276,11 +435,11 @@ def _invariance_setup(seed=0):
                           torch.ones(B, T, dtype=torch.float64))
     part_scale = torch.tensor([1.0, 0.5], dtype=torch.float64)
 
-    def loss(idx, counts, mode):
+    def loss(idx, counts, mode, combination):
         lp, _ = token_logprobs_and_entropy(model(x[idx]), labels[idx], chunk_size=4)
         out = get_policy_loss("ppo_clip")(lp, old_logp[idx], advantages[idx], mask[idx],
                                           weights[idx], PolicyLossParams())
-        coef = token_coefficients(mask[idx], part[idx], part_scale, counts, mode)
+        coef = token_coefficients(mask[idx], part[idx], part_scale, counts, mode, combination)
         return micro_batch_loss(out.per_token_loss, coef)
 
     def grad(value):
@@ -299,12 +458,13 @@ def _split(indices, sizes):
     return out
 
 
+@pytest.mark.parametrize("combination", COMBINATIONS)
 @pytest.mark.parametrize("mode", MODES)
-def test_aggregation_invariant_to_micro_batches_and_ranks(mode):
+def test_aggregation_invariant_to_micro_batches_and_ranks(mode, combination):
     B, mask, part, loss, grad = _invariance_setup()
     everything = torch.arange(B)
     full_counts = local_counts(mask, part)
-    full_loss = loss(everything, full_counts, mode)
+    full_loss = loss(everything, full_counts, mode, combination)
     full_grad = grad(full_loss)
 
     # 2 simulated data-parallel ranks, 3 uneven micro-batches each (gradient accumulation).
@@ -318,20 +478,27 @@ def test_aggregation_invariant_to_micro_batches_and_ranks(mode):
     rank_grads, total_loss = [], 0.0
     for rank in ranks:
         # engine.backward divides by GAS; gradients accumulate over micro-batches.
-        rank_grads.append(sum(grad(loss(mb, counts, mode) * scale / gas) for mb in rank))
-        total_loss += sum(loss(mb, counts, mode).item() for mb in rank)
+        rank_grads.append(sum(grad(loss(mb, counts, mode, combination) * scale / gas) for mb in rank))
+        total_loss += sum(loss(mb, counts, mode, combination).item() for mb in rank)
     # DeepSpeed averages gradients over data-parallel ranks.
     dp_grad = sum(rank_grads) / world_size
     torch.testing.assert_close(dp_grad, full_grad, rtol=1e-12, atol=1e-12)
     assert total_loss == pytest.approx(full_loss.item(), abs=1e-12)
 
+    # The trainer's own protocol: backward(loss * world_size, scale_wrt_gas=False), ranks
+    # averaged, with uneven micro-batch counts per rank (no GAS to agree on).
+    uneven = [_split(perm[:6], [2, 4]), _split(perm[6:], [1, 1, 1, 1, 2])]
+    trainer_grad = sum(sum(grad(loss(mb, counts, mode, combination) * world_size) for mb in rank)
+                       for rank in uneven) / world_size
+    torch.testing.assert_close(trainer_grad, full_grad, rtol=1e-12, atol=1e-12)
+
     # One rank, micro-batch size 1: same gradient again.
-    single = sum(grad(loss(everything[i:i + 1], counts, mode)) for i in range(B))
+    single = sum(grad(loss(everything[i:i + 1], counts, mode, combination)) for i in range(B))
     torch.testing.assert_close(single, full_grad, rtol=1e-12, atol=1e-12)
 
     # The check is not vacuous: normalising by each micro-batch's own counts breaks it.
     naive = sum(
-        grad(loss(mb, local_counts(mask[mb], part[mb]), mode) * scale / gas)
+        grad(loss(mb, local_counts(mask[mb], part[mb]), mode, combination) * scale / gas)
         for rank in ranks for mb in rank
     ) / world_size
     assert not torch.allclose(naive, full_grad, rtol=1e-6, atol=1e-9)

@@ -81,6 +81,17 @@ def test_resume_matches_uninterrupted(tmp_path):
         assert [r[key] for r in full] == [r[key] for r in split], key
     assert full[-1]["actor/pg_loss"] == pytest.approx(split[-1]["actor/pg_loss"], rel=1e-4, abs=1e-6)
 
+    # a fresh run into a folder that holds a run is refused before anything loads, naming the ways out
+    cmd = [PY, str(REPO / "tapo_ds" / "main.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
+           f"--set=output_dir={tmp_path}", "--set=name=full"]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"config error: name: {tmp_path / 'full'} already holds a run (metrics.jsonl, checkpoints, tensorboard, hf); "
+        f"continue it with --resume auto, pick another name (--set name=...), or start it over with "
+        f"--set overwrite=true"]
+    assert [r["step"] for r in metrics(tmp_path / "full")] == [1, 2, 3]
+
 
 def test_two_ranks_zero3(tmp_path):
     """TAPO on 2 ZeRO-3 ranks from the shipped cold-start checkpoint, so constructions really fire and the

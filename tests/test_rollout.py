@@ -19,7 +19,6 @@ from deepspeed.runtime.rollout.base import RolloutRequest, SamplingConfig
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 from tapo_ds.modeling import build_tiny_model_and_tokenizer  # noqa: E402

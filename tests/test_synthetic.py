@@ -484,3 +484,158 @@ def test_token_lengths_with_the_tiny_tokenizer():
     assert stats["problem"][1] <= 24 and stats["solution"][1] <= 60
     assert stats["sft response"][1] <= 90 and stats["ift prompt"][1] <= 220
     assert stats["ift response"][1] <= 160
+
+
+# --------------------------------------------------------------------------- the writer's own checks (issue 8)
+
+Q4 = "From 4: +3, -3, -3, +7."  # 7, 4, 1, 8
+
+
+def test_diagnose_reads_the_writers_own_checks():
+    # a harmless re-check of a right step is kept in the prefix; the mistake is step 4
+    own = ("Step 1: 4+3=7\nStep 2: 7-3=4\nWait, let me double-check step 2: 7-3=4.\nStep 3: 4-3=1\n"
+           "Step 4: 1+7=7\nFinal Answer: \\boxed{7}")
+    d = diagnose(Q4, own)
+    assert (d.step, d.kind) == (4, "arithmetic") and d.prefix == own.split("\nFinal")[0]
+    # a wrong step corrected by the very next check is not the critical mistake
+    fixed = ("Step 1: 4+3=8\nWait, let me double-check step 1: 4+3=7.\nStep 2: 7-3=4\nStep 3: 4-3=2\n"
+             "Step 4: 2+7=9\nFinal Answer: \\boxed{9}")
+    d = diagnose(Q4, fixed)
+    assert (d.step, d.kind) == (3, "arithmetic") and d.prefix.endswith("Step 3: 4-3=2")
+    # a check that gets a right step wrong is itself the mistake
+    bad = "Step 1: 4+3=7\nWait, let me double-check step 1: 4+3=8.\nStep 2: 8-3=5\nFinal Answer: \\boxed{5}"
+    d = diagnose(Q4, bad)
+    assert d.step == 1 and d.prefix.endswith("4+3=8.") and d.reflection.endswith("step 1: 4+3=7.")
+    # a wrong step followed by a wrong check: the step is the mistake
+    d = diagnose(Q4, "Step 1: 4+3=8\nWait, let me double-check step 1: 4+3=9.\nFinal Answer: \\boxed{9}")
+    assert d.step == 1 and d.prefix == "Step 1: 4+3=8"
+    # the next step written as a check counts as written; a right solution with checks has nothing to fix
+    right = ("Step 1: 4+3=7\nWait, let me double-check step 2: 7-3=4.\nStep 3: 4-3=1\nStep 4: 1+7=8\n"
+             "Final Answer: \\boxed{8}")
+    assert diagnose(Q4, right) is None
+    # the rule construction keeps the prefix verbatim: fidelity 1.0 although y⁻ writes "Wait" itself
+    for wrong in (own, fixed, bad):
+        rec = parse_construction(construct(Q4, wrong)).reconstruction
+        assert prefix_fidelity(rec, wrong) == 1.0, (wrong, rec)
+        assert last_boxed(rec) == "8"
+
+
+def test_with_check_inserts_a_right_recheck():
+    from tapo_ds.synthetic.coldstart import with_check
+
+    rng = random.Random(0)
+    text = EXAMPLE.solution
+    assert with_check(text, 3, rng, 0.0) == text
+    out = with_check(text, 2, rng, 1.0)
+    lines = out.split("\n")
+    assert len(lines) == 5 and lines[-1] == text.split("\n")[-1]
+    check = next(x for x in lines if x.startswith("Wait"))
+    assert check in ("Wait, let me double-check step 1: 7+5=12.", "Wait, let me double-check step 2: 12*3=36.")
+    assert diagnose(EXAMPLE.text, out) is None  # still a right solution
+    mix = build_synthetic_mix(60, seed=0, proportions={"ift": 1}, check_rate=0.5, analysis="checked")
+    assert any("Wait" in r["prompt"].split("Right:")[0] for r in mix.rows)
+    assert mix.build.verified == 60 and mix.build.as_dict()["mean_fidelity"] == 1.0
+
+
+def test_cli_make_data_phase2_and_separate_mix_knobs(tmp_path):
+    out = tmp_path / "syn"
+    args = ["make-data", "--out", str(out), "--train", "200", "--test", "20", "--seed", "0", "--steps", "3", "4",
+            "--max-value", "100", "--coldstart-steps", "2", "5", "--coldstart-first", "--coldstart", "60",
+            "--phase2", "40", "--phase2-mix", "gold=0.25,ift=0.75", "--phase2-check-rate", "0.5"]
+    assert cli_main(args) == 0
+    train, test, mix, mix2 = (read_jsonl(out / f) for f in ("train.jsonl", "test.jsonl", "coldstart.jsonl",
+                                                             "coldstart_phase2.jsonl"))
+    assert len(mix) == 60 and len(mix2) == 40 and sum(r["kind"] == "ift" for r in mix2) == 30
+    assert all(3 <= len(parse_problem(r["problem"]).ops) <= 4 for r in train + test)
+    mix_problems = {parse_problem(r["prompt"]).text for r in mix + mix2}
+    assert not mix_problems & {r["problem"] for r in train + test}
+    # the first mix does not depend on the RL split's knobs
+    out2 = tmp_path / "syn2"
+    assert args[9:12] == ["--steps", "3", "4"]
+    assert cli_main([a if a != str(out) else str(out2) for a in args[:10]] + ["4", "5"] + args[12:]) == 0
+    assert read_jsonl(out2 / "coldstart.jsonl") == mix
+    assert cli_main(["make-data", "--out", str(out), "--phase2", "10"]) == 2  # needs --coldstart-first
+
+
+# --------------------------------------------------------------------------- the constructor probe (issue 8)
+
+
+def test_reflection_located():
+    from tapo_ds.synthetic.probe import reflection_located
+
+    wrong = "Step 1: 4+3=7\nStep 2: 7-3=5\nStep 3: 5-3=2\nStep 4: 2+7=9\nFinal Answer: \\boxed{9}"
+    good = "Step 1: 4+3=7\nStep 2: 7-3=5\nWait, let me double-check step 2: 7-3=4.\nStep 3: 4-3=1\nStep 4: 1+7=8"
+    late = "Step 1: 4+3=7\nStep 2: 7-3=5\nStep 3: 5-3=2\nWait, let me double-check step 3: 4-3=1.\nStep 4: 1+7=8"
+    assert reflection_located(Q4, wrong, good) is True
+    assert reflection_located(Q4, wrong, late) is False
+    assert reflection_located(Q4, wrong, "Step 1: 4+3=7\nFinal Answer: \\boxed{8}") is False  # no reflection
+    assert reflection_located(Q4, Problem(4, (("+", 3), ("-", 3), ("-", 3), ("+", 7))).solution, good) is None
+
+
+def _sampled(n_questions=30, seed=0):
+    """Scripted K=8 answers per question: right ones and model-like wrong ones (some with own checks)."""
+    from tapo_ds.synthetic.coldstart import with_check
+
+    rng = random.Random(seed)
+    probs = problems(n_questions, seed=seed, steps=(3, 5), max_value=200)
+    texts, rewards = [], []
+    for p in probs:
+        n_right = rng.randint(2, 4)
+        resp = [with_check(p.solution, len(p.ops), rng, 0.3) for _ in range(n_right)]
+        for _ in range(8 - n_right):
+            w = random_wrong_solution(p, rng)
+            resp.append(with_check(w.text, w.step - 1, rng, 0.3))
+        texts.append(resp)
+        rewards.append([1.0] * n_right + [0.0] * (8 - n_right))
+    return [p.text for p in probs], [str(p.answer) for p in probs], texts, rewards
+
+
+def test_probe_measures_with_the_rule_constructor_standing_in():
+    from tapo_ds.synthetic.probe import summarize
+
+    questions, answers, texts, rewards = _sampled()
+    rule = rule_constructor("micro", "checked")
+
+    def by_rule(prompts):
+        out = []
+        for prompt in prompts:
+            q = parse_problem(prompt).text
+            wrong = prompt.split("Wrong:\n")[1].split("\nRight:\n")[0]
+            out.append(rule(q, wrong, ""))
+        return out
+
+    kw = dict(n_pos=2, n_neg=4, m_max=4, template=SYNTHETIC_CONSTRUCTION_TEMPLATE, budget_tokens=None,
+              count_tokens=None, answers=answers, seed=0)
+    rep = summarize(questions, texts, rewards, construct=by_rule, **kw)
+    assert rep.candidates == 30 and rep.pairs == 120
+    assert rep.parse_rate == 1.0 and rep.construction_acc == 1.0
+    assert rep.prefix_fidelity_median == 1.0 and rep.prefix_fidelity_mean == 1.0
+    assert rep.reflection_located == 1.0
+    assert rep.reflected_groups == 30 and rep.reflected_mixed_frac == 0.0  # all right: no group is mixed
+    assert "| output parses | 100.0 % |" in rep.table()
+    # a constructor that fails every other time: half the outputs do not parse
+    rep = summarize(questions, texts, rewards,
+                    construct=lambda ps: [o if i % 2 else "garbage" for i, o in enumerate(by_rule(ps))], **kw)
+    assert rep.parse_rate == 0.5 and rep.construction_acc == 1.0
+
+
+def test_probe_cli_runs_on_a_tiny_model(tmp_path, capsys):
+    from tapo_ds.modeling import build_tiny_model_and_tokenizer
+
+    model, tok = build_tiny_model_and_tokenizer(seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = tmp_path / "probe.md"
+    # the rule constructor on a random model's answers: whatever pairs there are, they score perfectly
+    assert cli_main(["probe-constructor", "--model", str(tmp_path / "m"), "--questions", "4", "--constructor",
+                     "rule", "--eval-samples", "2", "--threads", "1", "--set", "rollout.max_new_tokens=24",
+                     "--set", "evaluation.max_new_tokens=8", "--set", "tapo.n_pos=1", "--set", "tapo.n_neg=1",
+                     "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["questions"] == 4 and data["samples_per_question"] == 8
+    assert data["eval_pass_at_1"] is not None and 0.0 <= data["eval_pass_at_1"] <= 1.0
+    assert "probe-constructor --model" in out.read_text()
+    assert cli_main(["probe-constructor", "--model", str(tmp_path / "m"), "--questions", "2", "--eval-samples", "0",
+                     "--threads", "1", "--set", "rollout.max_new_tokens=8", "--set", "rollout.samples_per_question=6",
+                     "--set", "tapo.max_new_tokens=8"]) == 0
+    assert "| output parses |" in capsys.readouterr().out

@@ -18,6 +18,7 @@ from tapo_ds.trajectory import (
     assemble,
     build_requests,
     entropy_from_logits,
+    find_reflection,
     incremental_token_texts,
     load_template,
     ots_metrics,
@@ -256,13 +257,47 @@ def test_prefix_fidelity_hand_made():
     assert prefix_fidelity(PREFIX + POST_OK, WRONG) == 1.0
     assert prefix_fidelity("abcXYZ\nWait, fix it", "abcdef") == pytest.approx(3 / 6)
     assert prefix_fidelity("no marker at all", WRONG) == 0.0
-    assert prefix_fidelity("Wait, from the start", WRONG) == 0.0  # empty prefix
+    # the reflection opens the reconstruction (mistake in the very first step): nothing re-typed, nothing drifted
+    assert prefix_fidelity("Wait, from the start", WRONG) == 1.0
     drift = PREFIX.replace("both sides: $2x", "each side: $2x") + POST_OK
     core = PREFIX.replace("both sides: $2x", "each side: $2x").strip()
     assert prefix_fidelity(drift, WRONG) == pytest.approx(len("Subtract 5 from ") / len(core))
     # leading whitespace of y⁻ (a rollout response often starts with one) is ignored
     assert prefix_fidelity(PREFIX + POST_OK, "\n " + WRONG) == 1.0
 
+
+
+# y⁻ already writes its own checks (a policy trained on micro-reflective data does)
+OWN_CHECK_WRONG = ("Step 1: 4+3=7\nStep 2: 7-3=4\nWait, let me double-check step 2: 7-3=4.\n"
+                   "Step 3: 4-3=1\nStep 4: 1+7=7\nFinal Answer: \\boxed{7}")
+
+
+def test_reflection_that_starts_like_a_copied_check_is_the_reflection():
+    # the inserted check reads like y⁻'s own up to the step number: its line departs from y⁻
+    rec = ("Step 1: 4+3=7\nStep 2: 7-3=4\nWait, let me double-check step 3: 4-3=1.\n"
+           "Step 4: 1+7=8\nFinal Answer: \\boxed{8}")
+    pre, post = split_at_reflection(rec, wrong=OWN_CHECK_WRONG)
+    assert pre == "Step 1: 4+3=7\nStep 2: 7-3=4\n" and post.startswith("Wait, let me double-check step 3")
+    assert prefix_fidelity(rec, OWN_CHECK_WRONG) == 1.0
+
+
+def test_copied_check_line_is_skipped_and_the_later_reflection_found():
+    # the rule constructor's output: y⁻ verbatim (its own check included) through the wrong step 4
+    rec = OWN_CHECK_WRONG.split("\nFinal")[0] + ("\nWait, let me double-check step 4: 1+7=8.\n"
+                                                  "Final Answer: \\boxed{8}")
+    pre, _ = split_at_reflection(rec, wrong=OWN_CHECK_WRONG)
+    assert pre == OWN_CHECK_WRONG.split("Final")[0]
+    assert prefix_fidelity(rec, OWN_CHECK_WRONG) == 1.0
+    # the same when y⁻ ends right after the copied check (nothing after it to tell them apart)
+    assert find_reflection("a\nWait, ok.", wrong="a\nWait, ok.") is None
+    assert find_reflection("a\nWait, ok.\nWait, no.", wrong="a\nWait, ok.\n") == len("a\nWait, ok.\n")
+
+
+def test_prefix_fidelity_empty_prefix_and_no_marker():
+    # the mistake is in the very first step and the reconstruction opens with the reflection
+    assert prefix_fidelity("Wait, let me double-check step 1: 4+3=7.\nFinal Answer: \\boxed{7}", WRONG) == 1.0
+    assert prefix_fidelity("  \nWait, at once", WRONG) == 1.0  # whitespace alone re-types nothing
+    assert prefix_fidelity("Step 1: 4+3=7\nFinal Answer: \\boxed{7}", WRONG) == 0.0  # no reflection point
 
 # --------------------------------------------------------------------------- splice
 
@@ -303,7 +338,7 @@ def test_splice_replaces_drifted_prefix_by_wrong_tokens():
 
 
 def test_splice_mistake_mid_line_and_unrelated_prefix():
-    # TAPO.md §4's worked example: y⁻'s wrong conclusion on the same line is dropped
+    # the worked example of docs/method.md §Construction prompt: y⁻'s wrong conclusion on the same line is dropped
     wrong = "Subtract 5: 2x = 8.\nDivide by two: x = 3, so the answer is \\boxed{3}."
     ids, texts = chunk_tokenize(wrong)
     rec = "Subtract 5: 2x = 8.\nDivide by 2: x = 3\nWait, let me double-check... x = 4.\nFinal Answer: \\boxed{4}"

@@ -1,24 +1,18 @@
 """Functions the task YAMLs in this folder call through `!function utils.<name>`.
 
 lm-eval loads this file by path (not as `eval.tasks.utils`), from whatever working
-directory `lm_eval` runs in, so the repository root is put on `sys.path` here to reach
-`tapo_ds.reward` (the trainer's grader, shared so that evaluation and reward agree) and
-`eval.metrics`.
+directory `lm_eval` runs in; `tapo_ds.reward` (the trainer's grader, shared so that evaluation
+and reward agree) and `eval.metrics` come from the installed package (`pip install -e .`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.append(str(_REPO_ROOT))
-
-from eval.metrics import summarize  # noqa: E402
-from tapo_ds.reward import last_boxed, math_equal  # noqa: E402
+from eval.metrics import summarize
+from tapo_ds.reward import last_boxed, math_equal
 
 DATA_DIR_ENV = "TAPO_EVAL_DATA_DIR"
 LOCAL_FIELDS = ("id", "problem", "answer")

@@ -22,6 +22,9 @@ class AdvantageParams:
     eps: float = 1e-6
     # False reproduces the paper's "w/o DAE" ablation: constructed samples share the uid.
     decoupled: bool = True
+    # What a reflected group of size >= 2 with all rewards equal gets: "zero" (the paper) or
+    # "reward" (A = r, as a singleton reflected group gets); see :func:`equal_reward_rule_names`.
+    equal_reward_groups: str = "zero"
 
 
 @dataclass
@@ -29,6 +32,14 @@ class AdvantageOutput:
     advantages: Tensor  # [N], dtype of the rewards
     group_ids: list[str]  # the group id each sample was normalised in
     metrics: dict[str, float] = field(default_factory=dict)
+    # Fractions whose denominator is not the group count: name -> (numerator key, denominator
+    # key) in ``metrics``. Counts add up over ranks, so divide after summing (:meth:`fractions`).
+    ratios: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def fractions(self, metrics: dict[str, float] | None = None) -> dict[str, float]:
+        """The ratios computed from ``metrics`` (e.g. summed over ranks), default this output's."""
+        m = self.metrics if metrics is None else metrics
+        return {name: m[num] / m[den] if m[den] else 0.0 for name, (num, den) in self.ratios.items()}
 
 
 AdvantageFn = Callable[[Tensor, Sequence[str], Tensor, AdvantageParams], AdvantageOutput]
@@ -82,6 +93,29 @@ def _group_stats(rewards: Tensor, group_ids: Sequence[str], eps: float) -> _Grou
     return _GroupStats(index=index, count=count, constant=constant, normalised=normalised)
 
 
+# Which groups get A = r instead of their normalised advantage, from the reflected groups
+# (``reflected``, [G] bool) and the group statistics; selected by ``equal_reward_groups``.
+EqualRewardRule = Callable[[Tensor, _GroupStats], Tensor]
+
+_EQUAL_REWARD_RULES: Registry[EqualRewardRule] = Registry("equal_reward_groups rule")
+
+
+def equal_reward_rule_names() -> list[str]:
+    return _EQUAL_REWARD_RULES.names()
+
+
+@_EQUAL_REWARD_RULES.register("zero")
+def _singletons_only(reflected: Tensor, stats: _GroupStats) -> Tensor:
+    """The paper: only a reflected singleton gets A = r; a larger equal-reward group keeps A = 0."""
+    return reflected & (stats.count == 1)
+
+
+@_EQUAL_REWARD_RULES.register("reward")
+def _all_equal_reward_groups(reflected: Tensor, stats: _GroupStats) -> Tensor:
+    """Beyond the paper: every reflected group whose rewards are all equal gets A = r."""
+    return reflected & stats.constant
+
+
 def _check_inputs(rewards: Tensor, group_ids: Sequence[str], constructed: Tensor) -> None:
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D, got shape {tuple(rewards.shape)}")
@@ -121,16 +155,23 @@ def grpo_advantages(
 def tapo_advantages(
     rewards: Tensor, group_ids: Sequence[str], constructed: Tensor, params: AdvantageParams
 ) -> AdvantageOutput:
-    """Decoupled Advantage Estimation (TAPO spec §2 step 7).
+    """Decoupled Advantage Estimation (docs/method.md §DAE).
 
     Constructed samples are normalised in a group of their own (``uid + "_reflected"``)
     when ``params.decoupled``, otherwise inside their question's original group.
     A reflected group is a group made only of constructed samples; one of size 1 gets
-    A = r (there is no sibling to compare with, so it is weighted SFT on that sample),
-    one of size >= 2 with equal rewards gets A = 0 like any constant group.
+    A = r (there is no sibling to compare with, so it is weighted SFT on that sample).
+    One of size >= 2 with equal rewards gets A = 0 like any constant group, or A = r with
+    ``params.equal_reward_groups == "reward"``.
     Without constructed samples this is exactly :func:`grpo_advantages`.
+
+    ``tapo/reflected_mixed_frac`` (a ratio, see :attr:`AdvantageOutput.ratios`): among the
+    reflected groups of size >= 2, the fraction whose rewards are not all equal — the groups
+    whose constructions push a right reconstruction up against a failed one. Singletons are
+    left out of both counts; 0 when there is no reflected group of size >= 2.
     """
     _check_inputs(rewards, group_ids, constructed)
+    rule = _EQUAL_REWARD_RULES.get(params.equal_reward_groups)
     is_constructed = constructed.to(device=rewards.device, dtype=torch.bool)
     flags = is_constructed.tolist()
     effective = [
@@ -143,8 +184,10 @@ def tapo_advantages(
     )
     reflected = n_constructed == stats.count
     singleton = reflected & (stats.count == 1)
+    multi = reflected & ~singleton
+    gets_reward = rule(reflected, stats)
     advantages = torch.where(
-        singleton[stats.index], rewards.detach().to(torch.float64), stats.normalised
+        gets_reward[stats.index], rewards.detach().to(torch.float64), stats.normalised
     )
     return AdvantageOutput(
         advantages=advantages.to(rewards.dtype),
@@ -154,9 +197,10 @@ def tapo_advantages(
             "adv/num_groups": float(stats.constant.numel()),
             "tapo/reflected_groups": float(reflected.sum().item()),
             "tapo/reflected_singletons": float(singleton.sum().item()),
-            "tapo/reflected_zero_std_groups": float(
-                (reflected & ~singleton & stats.constant).sum().item()
-            ),
+            "tapo/reflected_zero_std_groups": float((multi & stats.constant).sum().item()),
+            "tapo/reflected_mixed_groups": float((multi & ~stats.constant).sum().item()),
+            "tapo/reflected_multi_groups": float(multi.sum().item()),
             "tapo/constructed_samples": float(is_constructed.sum().item()),
         },
+        ratios={"tapo/reflected_mixed_frac": ("tapo/reflected_mixed_groups", "tapo/reflected_multi_groups")},
     )

@@ -1,18 +1,30 @@
 """Turning per-token losses into the step's scalar loss, invariant to how the step is split.
 
-The loss of an optimizer step is L = sum_p part_scale[p] * mean_p, where part 0 holds the
-original samples and part 1 the constructed ones (part_scale = [1, lambda] gives TAPO's
-L_GRPO + lambda * L_ref). A "mean" divides by a count over the WHOLE step, so each token
-gets a fixed coefficient computed from global counts, and the step loss is a plain sum of
+Part 0 holds the original samples, part 1 the constructed ones; ``part_scale = (1, lambda)``
+multiplies each part's per-token loss. How the parts meet is the *loss combination*:
+
+- ``pooled`` (default): the constructed samples are extra sequences of the step and ONE
+  aggregation runs over all of them. seq-mean-token-mean averages every sequence's token
+  mean over originals + constructed together; token-mean divides by the tokens of both.
+  L = sum_i scale[p_i] * l_i / N (seq-mean-token-mean, N = all sequences of the step).
+- ``separate``: each part is averaged over its own sequences (tokens), then the means add:
+  L = sum_p scale[p] * mean_p, i.e. L_GRPO + lambda * L_ref with each term on its own scale.
+
+Either way every mean divides by a count over the WHOLE optimizer step, so each token gets
+a fixed coefficient computed from global counts, and the step loss is a plain sum of
 coefficient-weighted per-token losses. Sums can be split across micro-batches and ranks in
 any way without changing the result, which a per-micro-batch mean cannot.
 
-Trainer protocol:
+Trainer protocol (``tapo_ds/update.py``):
   1. Before the first backward of a step, sum :func:`local_counts` over all of this rank's
      micro-batches and all-reduce (SUM) the result over data-parallel ranks
      (:meth:`GlobalCounts.as_tensor` / :meth:`GlobalCounts.from_tensor` make it one call).
   2. For each micro-batch: coef = token_coefficients(...), loss = micro_batch_loss(...),
-     engine.backward(loss * deepspeed_loss_scale(gas, world_size)).
+     ``engine.backward(loss * world_size, scale_wrt_gas=False)``. ``scale_wrt_gas=False``
+     stops DeepSpeed from dividing by its gradient_accumulation_steps (the coefficients
+     already normalise over the whole step, whatever number of micro-batches a rank runs),
+     and ``* world_size`` undoes DeepSpeed's averaging of gradients over data-parallel ranks,
+     so the accumulated gradient is exactly dL/dtheta.
 """
 
 from __future__ import annotations
@@ -73,6 +85,33 @@ def local_counts(mask: Tensor, part: Tensor, num_parts: int = NUM_PARTS) -> Glob
     return GlobalCounts(seqs=seqs, tokens=tokens)
 
 
+CombinationFn = Callable[[GlobalCounts], GlobalCounts]
+
+_COMBINATIONS: Registry[CombinationFn] = Registry("loss combination")
+
+
+def register_combination(name: str) -> Callable[[CombinationFn], CombinationFn]:
+    """A combination maps the step's counts per part to the counts each part's mean divides by."""
+    return _COMBINATIONS.register(name)
+
+
+def combination_names() -> list[str]:
+    return _COMBINATIONS.names()
+
+
+@register_combination("pooled")
+def _pooled(counts: GlobalCounts) -> GlobalCounts:
+    """Every part divides by the counts of all parts together: one aggregation over the step."""
+    return GlobalCounts(seqs=counts.seqs.sum().expand_as(counts.seqs).clone(),
+                        tokens=counts.tokens.sum().expand_as(counts.tokens).clone())
+
+
+@register_combination("separate")
+def _separate(counts: GlobalCounts) -> GlobalCounts:
+    """Every part divides by its own counts: sum_p scale[p] * mean_p."""
+    return counts
+
+
 AggregationFn = Callable[[Tensor, Tensor, Tensor, GlobalCounts], Tensor]
 
 _AGGREGATIONS: Registry[AggregationFn] = Registry("loss aggregation")
@@ -95,7 +134,10 @@ def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
 def _seq_mean_token_mean(
     mask: Tensor, part: Tensor, part_scale: Tensor, counts: GlobalCounts
 ) -> Tensor:
-    """coef = scale[p] / (n_seqs[p] * T_i): each sequence's token mean, averaged per part."""
+    """coef = scale[p] / (n_seqs[p] * T_i): each sequence's token mean, averaged over n_seqs[p].
+
+    n_seqs[p] is what the combination made of the counts: part p's own, or all parts'.
+    """
     lengths = mask.sum(-1)
     denominator = counts.seqs.to(mask.dtype)[part] * lengths
     return _safe_divide(part_scale[part], denominator).unsqueeze(-1) * mask
@@ -103,7 +145,7 @@ def _seq_mean_token_mean(
 
 @register_aggregation("token-mean")
 def _token_mean(mask: Tensor, part: Tensor, part_scale: Tensor, counts: GlobalCounts) -> Tensor:
-    """coef = scale[p] / n_tokens[p]: every token of a part weighs the same."""
+    """coef = scale[p] / n_tokens[p]: every token of a part weighs the same (n_tokens as combined)."""
     denominator = counts.tokens.to(mask.dtype)[part]
     return _safe_divide(part_scale[part], denominator).unsqueeze(-1) * mask
 
@@ -114,14 +156,16 @@ def token_coefficients(
     part_scale: Tensor,
     counts: GlobalCounts,
     mode: str = "seq-mean-token-mean",
+    combination: str = "pooled",
 ) -> Tensor:
     """[B, T] coefficients in part_scale's dtype on mask's device; 0 on padding.
 
     ``counts`` must be the global counts of the whole optimizer step (all micro-batches,
-    all ranks); with those, summing :func:`micro_batch_loss` over the step gives
-    L = sum_p part_scale[p] * mean_p exactly.
+    all ranks); with those, summing :func:`micro_batch_loss` over the step gives the step
+    loss of ``mode`` under ``combination`` (see the module docstring) exactly.
     """
     aggregate = _AGGREGATIONS.get(mode)
+    combine = _COMBINATIONS.get(combination)
     if not part_scale.is_floating_point():
         raise ValueError("part_scale must be a floating-point tensor")
     if part_scale.numel() != counts.seqs.numel():
@@ -134,25 +178,26 @@ def token_coefficients(
     mask_f = mask.to(dtype=part_scale.dtype)
     part = part.to(device=device, dtype=torch.long)
     counts = GlobalCounts(seqs=counts.seqs.to(device), tokens=counts.tokens.to(device))
-    return aggregate(mask_f, part, part_scale, counts)
+    return aggregate(mask_f, part, part_scale, combine(counts))
 
 
 def micro_batch_loss(per_token_loss: Tensor, coefficients: Tensor) -> Tensor:
     """This micro-batch's share of the step loss; shares add up to the step loss exactly.
 
-    DeepSpeed does its own averaging on top: ``engine.backward`` divides the loss by the
-    configured gradient_accumulation_steps, and gradients are averaged (not summed) over
-    data-parallel ranks. So the trainer passes
-    ``micro_batch_loss(...) * deepspeed_loss_scale(gas, world_size)`` to
-    ``engine.backward``, with gas = ``engine.gradient_accumulation_steps()`` (the configured
-    value DeepSpeed divides by, even if a rank runs a different number of micro-batches)
-    and world_size = the data-parallel world size. Log the unscaled value.
+    This is the value to log. What goes to ``engine.backward`` is scaled to undo DeepSpeed's
+    own averaging (see the module docstring).
     """
     return (per_token_loss * coefficients.to(per_token_loss.dtype)).sum()
 
 
 def deepspeed_loss_scale(grad_accum_steps: int, world_size: int) -> float:
-    """The factor that undoes DeepSpeed's 1/GAS loss scaling and 1/world_size grad averaging."""
+    """The factor for ``engine.backward(loss * factor)`` with DeepSpeed's default ``scale_wrt_gas=True``.
+
+    That call divides the loss by the configured gradient_accumulation_steps and averages
+    gradients over ranks; this factor undoes both. The trainer does not take that path (a TAPO
+    step has a variable number of micro-batches): it passes ``scale_wrt_gas=False`` and
+    multiplies by the world size alone, i.e. ``deepspeed_loss_scale(1, world_size)``.
+    """
     if grad_accum_steps < 1 or world_size < 1:
         raise ValueError("grad_accum_steps and world_size must be >= 1")
     return float(grad_accum_steps * world_size)

@@ -1,4 +1,4 @@
-"""The cold-start data builder's pure core (TAPO.md §3), and the synthetic cold-start mix.
+"""The cold-start data builder's pure core (docs/method.md §Cold start), and the synthetic cold-start mix.
 
 :func:`build_coldstart` takes what a sampling pass produced (questions, their gold
 answers, K responses per question and their rewards), pairs wrong and right answers as
@@ -43,12 +43,13 @@ from ..trajectory import (
     render_construction_prompt,
     select_pairs,
 )
-from .constructor import format_construction, int_or_none, rule_constructor
+from .constructor import REFLECTION, format_construction, int_or_none, rule_constructor
 from .errors import ERROR_KINDS, random_wrong_solution
 from .task import (
     PROMPT_TEMPLATE,
     SYNTHETIC_TEMPLATES,
     generate_problems,
+    parse_step,
     render_prompt,
     write_jsonl,
 )
@@ -267,6 +268,20 @@ def build_coldstart(
 # --------------------------------------------------------------------------- the synthetic mix
 
 
+def with_check(text: str, right_steps: int, rng: random.Random, rate: float) -> str:
+    """``text`` with, at probability ``rate``, a right re-check ("Wait, let me double-check step i: ...")
+    inserted after one of its first ``right_steps`` step lines (all of them right); else unchanged."""
+    if rate <= 0 or right_steps < 1 or rng.random() >= rate:
+        return text
+    lines = text.split("\n")
+    i = rng.randint(1, right_steps)
+    step = parse_step(lines[i - 1])
+    if step is None:
+        return text
+    check = f"{REFLECTION} step {i}: {step.computation}."
+    return "\n".join(lines[:i] + [check] + lines[i:])
+
+
 def mix_counts(n: int, proportions: Mapping[str, float]) -> dict[str, int]:
     """Split ``n`` rows by ``proportions`` (largest remainder; ties in ROW_KINDS order)."""
     unknown = set(proportions) - set(ROW_KINDS)
@@ -304,6 +319,7 @@ def build_synthetic_mix(
     error_kinds: Sequence[str] = ERROR_KINDS,
     mode: str = "micro",
     analysis: str = "brief",
+    check_rate: float = 0.0,
     prompt_template: str = PROMPT_TEMPLATE,
     construction_template: str | None = None,
     exclude: Sequence[str] = (),
@@ -312,7 +328,10 @@ def build_synthetic_mix(
 
     Problems come from the train split only (never the held-out test split), from their
     own random stream, all distinct, none in ``exclude`` (e.g. the RL training problems,
-    to keep the cold start off them). ``construction_template``: None = the synthetic
+    to keep the cold start off them). ``check_rate``: the share of wrong and of right answers
+    that carry a harmless check of a right step (:func:`with_check`), as a policy trained on
+    micro-reflective rows writes them, so that constructions learn to copy such lines.
+    ``construction_template``: None = the synthetic
     template of ``mode``. ``mode="full"`` makes the SFT/IFT rows full reconstructions.
     """
     counts = mix_counts(n, proportions)
@@ -338,7 +357,8 @@ def build_synthetic_mix(
             continue
         questions.append(p.text)
         answers.append(str(p.answer))
-        responses.append([wrong.text, p.solution])
+        responses.append([with_check(wrong.text, wrong.step - 1, rng, check_rate),
+                          with_check(p.solution, len(p.ops), rng, check_rate)])
         rewards.append([0.0, 1.0])
         kinds_of[wrong.kind] = kinds_of.get(wrong.kind, 0) + 1
     built = build_coldstart(questions, answers, responses, rewards,

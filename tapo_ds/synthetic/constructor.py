@@ -2,7 +2,7 @@
 
 Given the problem and a wrong solution text, :func:`diagnose` recomputes every step from
 the problem and finds the first mistake; :func:`construct` writes the construction in
-TAPO's output format (TAPO.md §2 step 4)::
+TAPO's output format (docs/method.md §Construction prompt)::
 
     <analysis>Step 2 is wrong: 12*3 is 36, not 35 (arithmetic error).</analysis><reconstruction>Step 1: 7+5=12
     Step 2: 12*3=35
@@ -27,6 +27,12 @@ Reading the wrong text (it may come from a model: truncated, with stray lines):
 * a ``Final Answer`` line before all steps are written is a skipped step (``skip``, named
   after the first missing step); after all of them, a wrong box is ``final`` (its step is
   ``len(steps) + 1``); a right box means the solution is right: nothing to construct;
+* the writer's own reflection lines, ``Wait, let me double-check step k: a op b = r.`` (what
+  a policy trained on micro-reflective data writes), are read as computations too: right
+  after a wrong step line, a check that redoes that step right corrects it (the wrong step
+  was not the critical mistake, reading goes on from the corrected value); a check that
+  repeats the last correct step right, or writes the next step right, is harmless; any
+  other check is itself the first mistake (the prefix then ends with it);
 * any other line, or the end of the text, stops the reading: if every step so far was
   right, the rest is missing (``incomplete``, or ``final`` when only the answer line is);
   the stray line is not kept.
@@ -42,6 +48,7 @@ read before the first stray line, or when the solution is right. Never raises on
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,6 +56,8 @@ from ..reward import last_boxed
 from .task import FINAL_RE, Problem, Step, format_final, format_solution, parse_problem, parse_step
 
 REFLECTION = "Wait, let me double-check"
+CHECK_RE = re.compile(r"^\s*Wait, let me double-check(?:\s+step\s*(\d+))?\s*:\s*(-?\d+)\s*([+\-*/])\s*(-?\d+)"
+                      r"\s*=\s*(-?\d+)\s*\.?\s*$")
 MODES = ("micro", "full")
 ANALYSIS_STYLES = ("brief", "checked")
 
@@ -94,6 +103,28 @@ def _step_error(k: int, w: Step, g: Step, nxt: tuple[str, int] | None) -> tuple[
     return "misread", f"Step {k} is wrong: {said} (misread step)."
 
 
+def parse_check(line: str) -> Step | None:
+    """The computation of a reflection line ``Wait, let me double-check step k: a op b = r.``, or None."""
+    m = CHECK_RE.match(line)
+    if m is None:
+        return None
+    idx, a, op, b, r = m.groups()
+    try:
+        return Step(int(idx) if idx else 0, int(a), op, int(b), int(r))
+    except ValueError:  # a number past Python's int-from-string digit limit: garbage
+        return None
+
+
+def _same(w: Step, g: Step) -> bool:
+    return (w.a, w.op, w.b, w.result) == (g.a, g.op, g.b, g.result)
+
+
+def _wrong_at(k: int, written: Step, gold: list, prefix: str) -> Diagnosis:
+    nxt = (gold[k].op, gold[k].b) if k < len(gold) else None
+    kind, message = _step_error(k, written, gold[k - 1], nxt)
+    return Diagnosis(k, kind, message, prefix, _check(k, gold[k - 1]), k)
+
+
 def diagnose(question: str, wrong: str) -> Diagnosis | None:
     """The first mistake of ``wrong`` for the problem in ``question``; None: nothing to construct."""
     if not isinstance(question, str) or not isinstance(wrong, str):
@@ -104,25 +135,39 @@ def diagnose(question: str, wrong: str) -> Diagnosis | None:
     gold = problem.steps()
     n = len(gold)
     done, last_end, pos = 0, 0, 0  # correct steps read; end of the last one's line
+    pending = None  # (k, written step, end of its line): a wrong step a check may still correct
     for line in wrong.splitlines(keepends=True):
         start, pos = pos, pos + len(line)
         body = line.rstrip("\r\n")
         if not body.strip():
             continue
         end = start + len(body)
-        written = parse_step(body)
+        written, check = parse_step(body), parse_check(body)
+        if pending is not None:
+            k, w, w_end = pending
+            if check is not None and _same(check, gold[k - 1]):
+                done, last_end, pending = k, end, None  # corrected by the writer's own check
+                continue
+            return _wrong_at(k, w, gold, wrong[:w_end])
         if written is not None:
             k = done + 1
             if k > n:
                 return Diagnosis(k, "extra", f"Step {k} is wrong: the problem has only {n} steps (extra step).",
                                  wrong[:end], f"{REFLECTION}: there is no step {k}.", n)
-            g = gold[k - 1]
-            if (written.a, written.op, written.b, written.result) == (g.a, g.op, g.b, g.result):
+            if _same(written, gold[k - 1]):
                 done, last_end = k, end
+            else:
+                pending = (k, written, end)
+            continue
+        if check is not None:
+            if done and _same(check, gold[done - 1]):
+                last_end = end  # re-checks the last step, right
                 continue
-            nxt = (gold[k].op, gold[k].b) if k < n else None
-            kind, message = _step_error(k, written, g, nxt)
-            return Diagnosis(k, kind, message, wrong[:end], _check(k, g), k)
+            if done < n and _same(check, gold[done]):
+                done, last_end = done + 1, end  # writes the next step as a check, right
+                continue
+            k = check.index if check.index in (done, done + 1) and 1 <= check.index <= n else min(done + 1, n)
+            return _wrong_at(k, check, gold, wrong[:end])
         final = FINAL_RE.match(body)
         if final is None:
             break  # a stray line: stop reading
@@ -141,6 +186,9 @@ def diagnose(question: str, wrong: str) -> Diagnosis | None:
         return Diagnosis(n + 1, "final",
                          f"The final answer is wrong: step {n} gives {problem.answer}, not {shown}.",
                          wrong[:last_end], _check(n, gold[-1]), n)
+    if pending is not None:
+        k, w, w_end = pending
+        return _wrong_at(k, w, gold, wrong[:w_end])
     # The end of the text or a stray line, with every step read so far right.
     if done == 0:
         return None

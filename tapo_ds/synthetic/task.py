@@ -42,7 +42,7 @@ OPERATORS = "+-*/"
 # the same string so that RL prompts match the cold-start data exactly.
 PROMPT_TEMPLATE = "{problem}"
 FINAL_PREFIX = "Final Answer: \\boxed{"
-# Construction prompts for the synthetic task (TAPO.md §4 asks for one place and a switch):
+# Construction prompts for the synthetic task (docs/method.md §Construction prompt: one place, one per mode):
 # the built-in templates of tapo_ds.trajectory are ~2,000 characters, which a character-level
 # model of ~1M parameters cannot afford; these say the same in one line. `make-data` writes
 # them next to the data so that the RL config can point its construction template at them.
@@ -296,11 +296,12 @@ def problem_record(problem: Problem, id: str) -> dict:
 def generate_dataset(n: int, seed: int | str = 0, steps: int | Sequence[int] = (2, 4),
                      digits: int | Sequence[int] = 1, operators: str = "+-*", *,
                      split: str | None = "train", max_value: int | None = None,
-                     allow_negative: bool = False) -> list[dict]:
-    """``n`` records ``{id, problem, answer, solution}`` of ``split``, deterministic from ``seed``."""
+                     allow_negative: bool = False, exclude: Iterable[str] = ()) -> list[dict]:
+    """``n`` records ``{id, problem, answer, solution}`` of ``split``, deterministic from ``seed``
+    (and from ``exclude``, problem texts to leave out)."""
     problems = generate_problems(n, seed, split=split, steps=steps, digits=digits,
                                  operators=operators, max_value=max_value,
-                                 allow_negative=allow_negative)
+                                 allow_negative=allow_negative, exclude=exclude)
     prefix = split or "any"
     return [problem_record(p, f"{prefix}-{i:05d}") for i, p in enumerate(problems)]
 

@@ -1,4 +1,5 @@
-"""From a step's selected pairs to constructed training samples (TAPO.md §2 steps 4-6).
+"""From a step's selected pairs to constructed training samples (docs/method.md §Construction and parsing,
+§Verification, §Training sample).
 
 The trainer's flow, one batch per stage::
 

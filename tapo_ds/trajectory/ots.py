@@ -1,4 +1,4 @@
-"""OOD Token Suppression (TAPO.md §2 step 8): per-token weights for constructed samples.
+"""OOD Token Suppression (docs/method.md §OTS): per-token weights for constructed samples.
 
     s_t = log p(y_t | x, y_<t) + H[p(. | x, y_<t)],   w_t = clamp(exp(s_t), w_min, w_max)
 

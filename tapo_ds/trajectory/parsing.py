@@ -8,7 +8,7 @@ Rules (tags are matched case-insensitively and may carry inner whitespace, ``< r
   a generation cut at EOS), with any trailing special tokens such as ``<|im_end|>`` removed.
 * analysis: the first ``<analysis>``, up to the first ``</analysis>`` or ``<reconstruction>``
   after it, whichever comes first (so a missing ``</analysis>`` is fine); ``""`` when the
-  output has no ``<analysis>`` (the analysis is never trained on, TAPO.md §2 step 6).
+  output has no ``<analysis>`` (the analysis is never trained on, docs/method.md §Training sample).
 * Text outside the tags is ignored; both parts are stripped of surrounding whitespace.
 * ``None`` (unparsable: the caller drops it and counts it) when there is no
   ``<reconstruction>`` tag or the reconstruction is empty.

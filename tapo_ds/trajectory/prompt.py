@@ -1,4 +1,4 @@
-"""The construction prompt, TAPO.md §4: the one place where its text lives.
+"""The construction prompt (docs/method.md §Construction prompt): the one place where its text lives.
 
 A template is plain text with three placeholders, ``{question}``, ``{wrong}`` and
 ``{right}``. Everything else is literal, braces included, so a template may (and the

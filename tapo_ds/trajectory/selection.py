@@ -1,4 +1,4 @@
-"""Difficulty-aware Candidate Selection (DCS), TAPO.md §2 step 3.
+"""Difficulty-aware Candidate Selection (DCS), docs/method.md §DCS.
 
 A question (group) is a candidate iff it has at least ``n_pos`` right answers and at
 least ``n_neg`` wrong ones. For each candidate, up to ``m_max`` wrong answers are drawn

@@ -1,4 +1,5 @@
-"""``prefix: splice`` (TAPO.md §4 [choice]): put y⁻'s exact tokens back in place of the re-typed prefix.
+"""``prefix: splice``: put y⁻'s exact tokens back in place of the re-typed prefix (an option of ours,
+docs/method.md §Prefix fidelity and splice).
 
 The policy re-types y⁻'s prefix inside the reconstruction and may drift from it. Splice
 replaces that prefix by y⁻ itself, as token ids, up to the *matched point*:
