@@ -195,6 +195,12 @@ NEEDS_EARLIER_STEP = {
 }
 
 
+def _earlier_step_done(cfg) -> bool:
+    # A user (or the slow smoke test) may have fetched the model or built the data already.
+    wanted = cfg.sft.train_files if cfg.stage == "sft" else [cfg.model.path]
+    return all(Path(w).exists() for w in wanted)
+
+
 def test_shipped_configs_pass_preflight(tmp_path, monkeypatch):
     from tapo_ds import preflight
 
@@ -202,7 +208,7 @@ def test_shipped_configs_pass_preflight(tmp_path, monkeypatch):
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         rel = str(path.relative_to(REPO))
         cfg = load_config(path, [f"output_dir={tmp_path}"])
-        if rel in NEEDS_EARLIER_STEP:
+        if rel in NEEDS_EARLIER_STEP and not _earlier_step_done(cfg):
             with pytest.raises(ConfigError, match=re.escape(NEEDS_EARLIER_STEP[rel])):
                 preflight.check(cfg, None)
         else:
