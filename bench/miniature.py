@@ -41,11 +41,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+from tapo_ds.config import Config, load_config
 
-from tapo_ds.config import Config, load_config  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PY = sys.executable
 CONFIG = ROOT / "configs" / "quickstart.yaml"

@@ -68,16 +68,17 @@ def check_rows(out_dir: Path, stats: dict, gold: dict, construction_template: st
 
 
 def run_shipped(tmp_path: Path, *overrides: str) -> tuple[dict, Path]:
-    """`python tapo_ds/main.py --config configs/quickstart.yaml --set stage=coldstart ...` on 6 questions."""
+    """`python tapo_ds/main.py --config configs/quickstart.yaml --set stage=coldstart ...` on 16 questions
+    (enough for some to be answered both right and wrong, which is what pairs need)."""
     cmd = [sys.executable, str(REPO / "tapo_ds" / "main.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
            "--set", "stage=coldstart", "--set", "name=cs", "--set", f"output_dir={tmp_path}",
-           "--set", "data.limit=6", "--set", "coldstart.samples=4", "--set", "coldstart.m_max=2",
+           "--set", "data.limit=16", "--set", "coldstart.samples=4", "--set", "coldstart.m_max=2",
            "--set", "reward.num_workers=1", "--set", "torch_threads=1", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = parse_stats(proc.stdout)
-    assert stats["questions"] == 6 and stats["responses"] == 24
+    assert stats["questions"] == 16 and stats["responses"] == 64
     assert re.search(r"^wrote .*coldstart_sft\.jsonl, .*coldstart_ift\.jsonl$", proc.stdout, re.M)
     assert (tmp_path / "cs" / "config.yaml").is_file()
     return stats, tmp_path / "cs"
