@@ -192,12 +192,14 @@ def test_main_reports_preflight_errors_at_once(tmp_path, capsys):
 NEEDS_EARLIER_STEP = {
     "configs/ablations/sft_micro_reflective.yaml": "sft.train_files[0]: runs/qwen3_8b_tapo/coldstart_sft.jsonl",
     "configs/smoke/smollm2_tapo.yaml": "model.path: .cache/models/smollm2-135m-instruct: no such folder",
+    "configs/miniature/coldstart_phase2.yaml": "model.path: runs/miniature-coldstart/hf: no such folder",
 }
 
 
 def _earlier_step_done(cfg) -> bool:
     # A user (or the slow smoke test) may have fetched the model or built the data already.
-    wanted = cfg.sft.train_files if cfg.stage == "sft" else [cfg.model.path]
+    wanted = (list(cfg.sft.train_files) if cfg.stage == "sft" else []) + \
+        ([cfg.model.path] if cfg.model.path != "tiny" else [])
     return all(Path(w).exists() for w in wanted)
 
 
