@@ -127,6 +127,7 @@ class RLTrainer:
             "reward/timeout_rate": (float(graded.timeouts), n),
             "reward/error_rate": (float(graded.errors), n),
             "reward/no_box_rate": (float(graded.no_box), n),
+            "reward/refused_rate": (float(graded.refused), n),
         }, self.info.device)
 
     def advantage_phase(self, samples: list[Sample]) -> dict:

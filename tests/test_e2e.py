@@ -50,7 +50,7 @@ def test_run_resume_export(tmp_path, algorithm):
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("rollout/reward_mean", "rollout/acc", "rollout/response_len_mean", "rollout/truncated_rate",
                 "rollout/zero_std_group_frac", "actor/pg_loss", "actor/clip_frac", "actor/entropy", "actor/grad_norm",
-                "actor/lr",
+                "actor/lr", "reward/timeout_rate", "reward/error_rate", "reward/no_box_rate", "reward/refused_rate",
                 "timing/rollout", "timing/update", "perf/tokens_per_s"):
         assert key in rows[-1], key
     if algorithm == "tapo":

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 from eval import BENCHMARKS, TASKS_DIR
 from eval.metrics import PASS_KS, majority_vote, pass_at_k, summarize
@@ -449,8 +449,7 @@ def test_lm_eval_cli_with_tiny_hf_model(tmp_path):
     working directory outside the repository."""
     model_dir = build_tiny_model(tmp_path / "tiny")
     data_dir = write_data(tmp_path / "data")
-    env = dict(
-        os.environ,
+    env = subprocess_env(
         TAPO_EVAL_DATA_DIR=str(data_dir),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",

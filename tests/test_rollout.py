@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 from deepspeed.runtime.rollout.base import RolloutRequest, SamplingConfig
 from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -261,9 +262,7 @@ def test_zero3_engine_matches_plain_module(zero3_engine):
 def test_two_rank_zero3_lockstep():
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), __file__]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
