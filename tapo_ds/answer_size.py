@@ -274,7 +274,7 @@ def refusal_reason(answer: str) -> str | None:
         return f"nesting depth {depth} > {MAX_NESTING}"
     if bare > MAX_BARE_NESTING:
         return f"nesting depth of bare groups {bare} > {MAX_BARE_NESTING}"
-    digits = _Reader(tokens).whole().digits
+    digits = value_digits(answer)
     if digits > MAX_VALUE_DIGITS:
         shown = "unbounded" if math.isinf(digits) else f"~{digits:.3g}"
         return f"value needs {shown} digits > {MAX_VALUE_DIGITS}"

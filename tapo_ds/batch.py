@@ -39,10 +39,6 @@ class MicroBatch:
     part: torch.Tensor  # [n] long: 0 original, 1 constructed
     index: list[int] = field(default_factory=list)  # positions in the step's sample list
 
-    @property
-    def size(self) -> int:
-        return int(self.input_ids.shape[0])
-
 
 def collate(samples: Sequence[Sample], index: Sequence[int], pad_id: int,
             device: torch.device | str = "cpu") -> MicroBatch:

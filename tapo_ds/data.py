@@ -6,7 +6,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 
 class DataError(ValueError):
@@ -58,6 +58,23 @@ def jsonl_rows(path: Path):
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected an object, got {type(row).__name__}")
             yield f"{path}:{lineno}", row
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
+    """Write one JSON object per line (parents created); returns the number of rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
 
 
 def _parquet_rows(path: Path):

@@ -136,16 +136,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, betas, e
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    info = EngineInfo(
-        world_size=torch.distributed.get_world_size(),
-        rank=torch.distributed.get_rank(),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        zero_stage=engine.zero_optimization_stage(),
-        hybrid_engine=hybrid,
-        hybrid_reason=reason,
-        device=engine.device,
-    )
-    return engine, info
+    return engine, _info(engine, hybrid, reason)
 
 
 def build_inference_engine(model: torch.nn.Module, ds_config: dict):
@@ -155,7 +146,19 @@ def build_inference_engine(model: torch.nn.Module, ds_config: dict):
 
     model.eval().requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    return engine
+    return engine, _info(engine, False, "inference only")
+
+
+def _info(engine, hybrid: bool, reason: str) -> EngineInfo:
+    return EngineInfo(
+        world_size=torch.distributed.get_world_size(),
+        rank=torch.distributed.get_rank(),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        zero_stage=engine.zero_optimization_stage(),
+        hybrid_engine=hybrid,
+        hybrid_reason=reason,
+        device=engine.device,
+    )
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

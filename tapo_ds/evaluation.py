@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from deepspeed.runtime.rollout.base import RolloutRequest, SamplingConfig
+from deepspeed.runtime.rollout.base import SamplingConfig
 
 from eval.metrics import pass_at_k
-from tapo_ds.batch import left_pad
 from tapo_ds.data import PromptedExample
-from tapo_ds.engine import all_reduce_
+from tapo_ds.generation import generate
+from tapo_ds.metrics import StepMetrics
 
 
 @dataclass(frozen=True)
@@ -40,37 +40,30 @@ class Evaluator:
         return bool(self.sets) and self.s.every > 0 and step % self.s.every == 0
 
     @torch.no_grad()
-    def run(self, step: int) -> dict[str, float]:
-        """pass@k per set, averaged over problems; every rank takes its share of the problems."""
+    def run(self, step: int) -> StepMetrics:
+        """pass@k per set, averaged over problems (over all ranks once reduced); every rank takes its share
+        of the problems."""
         self.rollout.sync_weights(step)
-        metrics: dict[str, float] = {}
+        n = self.s.sampling.n_samples_per_prompt
+        m = StepMetrics()
         for name, problems in self.sets.items():
             mine = problems[self.info.rank::self.info.world_size]
-            sums = torch.zeros(len(self.s.ks) + 2, dtype=torch.float64, device=self.info.device)
+            pass_sums, accuracy_sum = [0.0] * len(self.s.ks), 0.0
             for start in range(0, len(mine), self.s.batch_questions):
-                chunk = mine[start:start + self.s.batch_questions]
-                for correct in self._correct_counts(chunk):
-                    n = self.s.sampling.n_samples_per_prompt
-                    sums[:len(self.s.ks)] += torch.tensor([pass_at_k(n, correct, k) for k in self.s.ks],
-                                                          dtype=torch.float64, device=sums.device)
-                    sums[-2] += correct / n
-                    sums[-1] += 1
-            all_reduce_(sums, "sum")
-            count = max(float(sums[-1]), 1.0)
-            for i, k in enumerate(self.s.ks):
-                metrics[f"eval/{name}/pass@{k}"] = float(sums[i]) / count
-            metrics[f"eval/{name}/avg@{self.s.sampling.n_samples_per_prompt}"] = float(sums[-2]) / count
-        return metrics
+                for correct in self._correct_counts(mine[start:start + self.s.batch_questions]):
+                    for i, k in enumerate(self.s.ks):
+                        pass_sums[i] += pass_at_k(n, correct, k)
+                    accuracy_sum += correct / n
+            for k, total in zip(self.s.ks, pass_sums):
+                m.mean(f"eval/{name}/pass@{k}", total, len(mine))
+            m.mean(f"eval/{name}/avg@{n}", accuracy_sum, len(mine))
+        return m
 
     def _correct_counts(self, problems: list[PromptedExample]) -> list[int]:
-        ids, mask = left_pad([p.prompt_ids for p in problems], self.tok.pad_token_id)
-        res = self.rollout.generate(RolloutRequest(ids.to(self.info.device), mask.to(self.info.device)),
-                                    self.s.sampling)
-        texts = [self.tok.decode(res.response_ids[i, :n].tolist(), skip_special_tokens=True)
-                 for i, n in enumerate(res.response_lengths.tolist())]
-        golds = [problems[int(q)].example.answer for q in res.prompt_index.tolist()]
-        graded = self.grader.grade(list(zip(texts, golds)), require_box=True)
+        out = generate(self.rollout, self.tok, [p.prompt_ids for p in problems], self.s.sampling, self.info.device)
+        golds = [problems[q].example.answer for q in out.prompt_index]
+        graded = self.grader.grade(list(zip(out.texts, golds)), require_box=True)
         counts = [0] * len(problems)
-        for q, ok in zip(res.prompt_index.tolist(), graded.correct):
-            counts[int(q)] += int(ok)
+        for q, ok in zip(out.prompt_index, graded.correct):
+            counts[q] += int(ok)
         return counts

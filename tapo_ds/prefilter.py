@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from deepspeed.runtime.rollout.base import RolloutRequest, SamplingConfig
+from deepspeed.runtime.rollout.base import SamplingConfig
 
-from tapo_ds.batch import left_pad
 from tapo_ds.data import PromptedExample
+from tapo_ds.generation import generate
 
 
 @dataclass
@@ -53,19 +53,12 @@ def sample_and_grade(questions: Sequence[PromptedExample], *, rollout, grader, t
     rewards_out: list[list[float]] = []
     for start in range(0, len(questions), batch_questions):
         chunk = questions[start:start + batch_questions]
-        ids, mask = left_pad([q.prompt_ids for q in chunk], tokenizer.pad_token_id)
-        res = rollout.generate(RolloutRequest(ids.to(device), mask.to(device)), sampling)
-        texts = [tokenizer.decode(res.response_ids[i, :n].tolist(), skip_special_tokens=True)
-                 for i, n in enumerate(res.response_lengths.tolist())]
-        rows = res.prompt_index.tolist()
-        graded = grader.grade([(t, chunk[q].example.answer) for t, q in zip(texts, rows)], require_box=True)
-        per_texts: list[list[str]] = [[] for _ in chunk]
-        per_rewards: list[list[float]] = [[] for _ in chunk]
-        for q, text, ok in zip(rows, texts, graded.correct):
-            per_texts[q].append(text)
-            per_rewards[q].append(float(ok))
-        texts_out += per_texts
-        rewards_out += per_rewards
+        out = generate(rollout, tokenizer, [q.prompt_ids for q in chunk], sampling, device)
+        graded = grader.grade([(t, chunk[q].example.answer) for t, q in zip(out.texts, out.prompt_index)],
+                              require_box=True)
+        for rows in out.by_prompt(len(chunk)):
+            texts_out.append([out.texts[i] for i in rows])
+            rewards_out.append([float(graded.correct[i]) for i in rows])
     return texts_out, rewards_out
 
 

@@ -232,16 +232,6 @@ class GradeResult:
     no_box: int = 0
     refused: int = 0
 
-    def metrics(self) -> dict[str, float]:
-        n = max(len(self.correct), 1)
-        return {
-            "reward/accuracy": sum(self.correct) / n,
-            "reward/timeout_rate": self.timeouts / n,
-            "reward/error_rate": self.errors / n,
-            "reward/no_box_rate": self.no_box / n,
-            "reward/refused_rate": self.refused / n,
-        }
-
 
 class _Worker:
     """One worker process and the parent's view of it."""
@@ -443,7 +433,7 @@ class GradingPool:
 
 # --------------------------------------------------------------------------- one-off grading
 
-# math_equal and compute_score go through a module-level pool too (1 worker, created on
+# math_equal goes through a module-level pool too (1 worker, created on
 # first use, closed at exit) rather than calling math-verify inline: inline, a hostile
 # answer could hang the caller (lm-eval's process_results, the trainer) forever, since
 # math-verify's signal timeout cannot interrupt sympy's C code and refuses to run off
@@ -475,8 +465,3 @@ def math_equal(prediction: str, gold: str, timeout: float = 5.0) -> bool:
     structural check gives False. Thread-safe.
     """
     return _get_default_pool().grade([(prediction, gold)], timeout=timeout).correct[0]
-
-
-def compute_score(response: str, gold: str) -> float:
-    """The binary reward: 1.0 if ``math_equal(response, gold)`` else 0.0."""
-    return 1.0 if math_equal(response, gold) else 0.0

@@ -13,6 +13,7 @@ from typing import Sequence
 from tapo_ds.algorithms import PolicyLossParams
 from tapo_ds.batch import Sample
 from tapo_ds.data import DataError, encode, jsonl_rows, render_chat, shard
+from tapo_ds.metrics import StepMetrics
 from tapo_ds.update import LossSettings, optimizer_step
 
 SFT_LOSS = LossSettings(policy_loss="nll", clip=PolicyLossParams(), agg_mode="token-mean", part_scale=(1.0, 0.0))
@@ -51,12 +52,16 @@ class SFTTrainer:
         self.engine, self.info, self.rows, self.sampler = engine, info, rows, sampler
         self.batch_size, self.micro_batch_size, self.pad_id = batch_size, micro_batch_size, pad_id
 
-    def step(self, step: int) -> dict[str, float]:
+    def step(self, step: int) -> StepMetrics:
         indices = shard(self.sampler.next_indices(self.batch_size), self.info.rank, self.info.world_size)
         samples = [Sample(self.rows[i].prompt_ids, self.rows[i].response_ids, group_id="", reward=0.0)
                    for i in indices]
-        m = optimizer_step(self.engine, samples, range(len(samples)), SFT_LOSS,
-                           micro_batch_size=self.micro_batch_size, pad_id=self.pad_id,
-                           world_size=self.info.world_size)
-        return {"sft/loss": m["actor/pg_loss"], "actor/grad_norm": m["actor/grad_norm"], "actor/lr": m["actor/lr"],
-                "sft/epoch": self.sampler.epoch + self.sampler.position / self.sampler.size}
+        update = optimizer_step(self.engine, samples, range(len(samples)), SFT_LOSS,
+                                micro_batch_size=self.micro_batch_size, pad_id=self.pad_id,
+                                world_size=self.info.world_size)
+        m = StepMetrics()
+        m.sum("sft/loss", update.pg_loss)
+        m.local("actor/grad_norm", update.grad_norm)
+        m.local("actor/lr", update.lr)
+        m.local("sft/epoch", self.sampler.epoch + self.sampler.position / self.sampler.size)
+        return m

@@ -1,227 +1,163 @@
-"""Stages (``stage:`` in the config): build the pieces from the config and run the loop.
+"""Stages (``stage:`` in the config): ask the runtime for their parts, then run.
 
-This is the one place that reads the whole config; everything it calls gets plain values.
+With ``tapo_ds/runtime.py`` the one place that reads the whole config; everything they call gets
+plain values.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import contextlib
+import math
 from pathlib import Path
 
 import torch
-from deepspeed.runtime.rollout.base import SamplingConfig
 
-from tapo_ds import engine as eng
-from tapo_ds import modeling
 from tapo_ds.algorithms import AdvantageParams, PolicyLossParams
-from tapo_ds.config import Config, ConfigError, save_config
+from tapo_ds.config import Config, ConfigError
 from tapo_ds.data import EpochSampler, encode, load_examples, prepare, render_chat
+from tapo_ds.engine import all_reduce_
 from tapo_ds.loop import LoopState, resume, resume_target, run_loop
-from tapo_ds.monitor import Monitor
-from tapo_ds.reward import GradingPool
-from tapo_ds.rollout import TapoRollout
+from tapo_ds.runtime import (
+    MonitorSpec,
+    Runtime,
+    build_reference,
+    load_tokenizer,
+    open_runtime,
+    sampling_of,
+    setup_engine,  # noqa: F401  (bench/tapo_overhead.py builds its engine from here)
+    world_size,
+)
 from tapo_ds.trainer import RLSettings, RLTrainer
+from tapo_ds.trajectory import OTS
 from tapo_ds.update import LossSettings
-
-log = logging.getLogger(__name__)
-
-
-def build_model(cfg: Config, ds_config: dict):
-    """Policy model and tokenizer; real checkpoints load partitioned under ZeRO-3."""
-    if cfg.model.path == "tiny":
-        return modeling.build_tiny_model_and_tokenizer(seed=cfg.seed, **cfg.model.tiny_overrides)
-    tokenizer = modeling.load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    with eng.zero_init_context(ds_config) as _keep_alive:  # noqa: F841 (must outlive from_pretrained)
-        model = modeling.load_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
-    return model, tokenizer
-
-
-def setup_engine(cfg: Config, world_size: int, micro_batch_size: int, total_steps: int | None = None):
-    ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=micro_batch_size,
-                                   world_size=world_size, grad_clip=cfg.optimizer.grad_clip,
-                                   hybrid_engine=cfg.deepspeed.hybrid_engine, dtype=cfg.model.dtype)
-    model, tokenizer = build_model(cfg, ds_config)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    o = cfg.optimizer
-    lr_fn = eng.lr_lambda(o.schedule, o.warmup_steps, total_steps or cfg.total_steps, o.decay_start, o.min_lr_ratio)
-    engine, info = eng.build_engine(model, ds_config, lr=o.lr, betas=o.betas, eps=o.eps,
-                                    weight_decay=o.weight_decay, lr_fn=lr_fn,
-                                    model_type=model.config.model_type)
-    return engine, info, tokenizer, ds_config
-
-
-def _prepare_run_dir(cfg: Config, rank: int) -> Path:
-    run_dir = cfg.run_dir
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    return run_dir
 
 
 def run_rl(cfg: Config, resume_arg: str | None) -> dict:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.rollout.questions_per_step % world:
+    if cfg.rollout.questions_per_step % world_size():
         raise ConfigError(f"rollout.questions_per_step: {cfg.rollout.questions_per_step} is not divisible by "
-                         f"the {world} ranks")
+                          f"the {world_size()} ranks")
     where = resume_target(resume_arg, cfg.run_dir)
     d = cfg.data
     # Rows are validated before the model loads: a bad line fails in seconds, not after minutes.
     examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
-    engine, info, tokenizer, _ = setup_engine(cfg, world, cfg.algorithm.micro_batch_size)
-    run_dir = _prepare_run_dir(cfg, info.rank)
-    train, too_long = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
-                              d.max_prompt_tokens)
-    monitor = Monitor(run_dir, enabled=info.rank == 0, tensorboard=cfg.logging.tensorboard,
-                      progress_bar=cfg.logging.progress_bar, total_steps=cfg.total_steps, desc=cfg.name,
-                      append=resume_arg is not None)
-    monitor.message(f"{cfg.name}: {len(train)} training questions ({too_long} over the prompt budget dropped), "
-                    f"{info.world_size} rank(s), ZeRO stage {info.zero_stage}, algorithm {cfg.algorithm.name}")
-    sampler = EpochSampler(len(train), cfg.seed, d.shuffle)
-    state = LoopState(step=0, sampler=sampler)
-    resume(engine, state, where, monitor)
-    if monitor.bar is not None:
-        monitor.bar.n = state.step
-
-    rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
-                          tokenizer.pad_token_id, seed=cfg.seed, gather=cfg.rollout.gather,
-                          module_factory=modeling.model_factory(engine.module.config))
-    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout,
-                     memory_mb=cfg.reward.memory_mb) as grader:
-        trainer = make_rl_trainer(cfg, engine=engine, info=info, tokenizer=tokenizer, rollout=rollout,
-                                  grader=grader, monitor=monitor, train=train, sampler=sampler)
-        trainer.evaluator = build_evaluator(cfg, tokenizer, rollout, grader, info)
+    monitor = MonitorSpec(cfg.total_steps, cfg.name, append=resume_arg is not None)
+    with open_runtime(cfg, train=True, rollout=True, grader=True, monitor=monitor) as rt:
+        train, too_long = prepare(examples, rt.tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
+                                  d.max_prompt_tokens)
+        rt.monitor.message(f"{cfg.name}: {len(train)} training questions ({too_long} over the prompt budget "
+                           f"dropped), {rt.info.world_size} rank(s), ZeRO stage {rt.info.zero_stage}, algorithm "
+                           f"{cfg.algorithm.name}")
+        sampler = EpochSampler(len(train), cfg.seed, d.shuffle)
+        state = _resumed(rt, sampler, where)
+        trainer = make_rl_trainer(cfg, engine=rt.engine, info=rt.info, tokenizer=rt.tokenizer, rollout=rt.rollout,
+                                  grader=rt.grader, monitor=rt.monitor, train=train, sampler=sampler)
+        trainer.evaluator = build_evaluator(cfg, rt)
         if trainer.evaluator is not None and cfg.evaluation.at_start and state.step == 0:
-            start = trainer.evaluator.run(0)
-            monitor.scalars(start, 0)
-            monitor.message("evaluation before training: " + ", ".join(f"{k}={v:.3f}" for k, v in start.items()))
-        try:
-            metrics = run_loop(step_fn=trainer.step, state=state, total_steps=cfg.total_steps, engine=engine,
-                               tokenizer=tokenizer, monitor=monitor, run_dir=run_dir,
-                               ckpt_every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last,
-                               export_hf=cfg.checkpoint.export_hf, rank=info.rank,
-                               bar_fields={"reward": "rollout/reward_mean", "s/step": "timing/step"})
-        finally:
-            monitor.close()
-    return metrics
+            start = trainer.evaluator.run(0).reduce(all_reduce_, rt.info.device)
+            rt.monitor.scalars(start, 0)
+            rt.monitor.message("evaluation before training: " + ", ".join(f"{k}={v:.3f}" for k, v in start.items()))
+        return _loop(rt, trainer.step, state, cfg.total_steps,
+                     {"reward": "rollout/reward_mean", "s/step": "timing/step"})
 
 
 def make_rl_trainer(cfg: Config, *, engine, info, tokenizer, rollout, grader, monitor, train, sampler) -> RLTrainer:
     """The RL step's pieces from the config; the rollout engine and grader are passed in."""
-    r, a = cfg.rollout, cfg.algorithm
-    sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k, n_samples_per_prompt=r.samples_per_question)
-    lam = cfg.tapo.lam if a.name == "tapo" else 0.0
+    r, a, t = cfg.rollout, cfg.algorithm, cfg.tapo
+    lam = t.lam if a.name == "tapo" else 0.0
     settings = RLSettings(
         questions_per_step=r.questions_per_step, samples_per_question=r.samples_per_question,
-        sampling=sampling, advantage=a.name,
-        advantage_params=AdvantageParams(eps=a.adv_eps, decoupled=cfg.tapo.decoupled_advantages,
-                                         equal_reward_groups=cfg.tapo.equal_reward_groups),
+        sampling=sampling_of(r, r.samples_per_question), advantage=a.name,
+        advantage_params=AdvantageParams(eps=a.adv_eps, decoupled=t.decoupled_advantages,
+                                         equal_reward_groups=t.equal_reward_groups),
         loss=LossSettings(policy_loss=a.policy_loss, clip=PolicyLossParams(a.clip_low, a.clip_high),
-                          agg_mode=a.loss_agg, part_scale=(1.0, lam), combination=cfg.tapo.loss_combination,
+                          agg_mode=a.loss_agg, part_scale=(1.0, lam), combination=t.loss_combination,
                           kl_coef=a.kl_coef, kl_estimator=a.kl_estimator),
         ppo_epochs=a.ppo_epochs, mini_batches=a.mini_batches, micro_batch_size=a.micro_batch_size,
-        text_every=cfg.logging.text_every, text_samples=cfg.logging.text_samples, seed=cfg.seed)
+        text_every=cfg.logging.text_every, text_samples=cfg.logging.text_samples, seed=cfg.seed,
+        ots=OTS(t.ots_w_min, t.ots_w_max) if a.name == "tapo" and t.ots else None)
     constructor = None
     if a.name == "tapo":
-        constructor = build_constructor(cfg, tokenizer, rollout, info, monitor)
-        constructor.grader = grader
-    ref_engine = build_reference(cfg, info) if (a.kl_coef > 0 or a.log_kl_to_init) else None
+        from tapo_ds.construct import Constructor
+
+        constructor = Constructor.from_config(cfg, tokenizer=tokenizer, rollout=rollout, grader=grader, info=info,
+                                              monitor=monitor)
+    ref_engine = build_reference(cfg) if (a.kl_coef > 0 or a.log_kl_to_init) else None
     return RLTrainer(settings=settings, engine=engine, info=info, tokenizer=tokenizer, rollout=rollout,
                      grader=grader, monitor=monitor, train_data=train, sampler=sampler,
                      constructor=constructor, ref_engine=ref_engine)
 
 
-def build_evaluator(cfg: Config, tokenizer, rollout, grader, info):
-    e, d = cfg.evaluation, cfg.data
-    if not e.files or not (e.every or e.at_start):
+def evaluates(cfg: Config) -> bool:
+    e = cfg.evaluation
+    return bool(e.files) and bool(e.every or e.at_start)
+
+
+def build_evaluator(cfg: Config, rt: Runtime):
+    if not evaluates(cfg):
         return None
     from tapo_ds.evaluation import EvalSettings, Evaluator
 
+    e, d = cfg.evaluation, cfg.data
     sets = {}
     for name, src in e.files.items():
         examples = load_examples([src], d.problem_field, d.answer_field, d.split, e.limit)
-        sets[name], _ = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
+        sets[name], _ = prepare(examples, rt.tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
                                 d.max_prompt_tokens)
-    sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-                              n_samples_per_prompt=e.samples)
-    return Evaluator(sets, EvalSettings(every=e.every, sampling=sampling, ks=tuple(e.ks),
-                                        batch_questions=e.batch_questions),
-                     rollout=rollout, grader=grader, tokenizer=tokenizer, info=info)
-
-
-def build_constructor(cfg: Config, tokenizer, rollout, info, monitor):
-    from tapo_ds.construct import Constructor
-
-    return Constructor.from_config(cfg, tokenizer, rollout, info, monitor)
-
-
-def build_reference(cfg: Config, info):
-    """A frozen copy of the initial policy for the KL term (same loading path, no optimizer)."""
-    ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=cfg.algorithm.micro_batch_size,
-                                   world_size=info.world_size, grad_clip=0.0, hybrid_engine=False,
-                                   dtype=cfg.model.dtype)
-    model, _ = build_model(cfg, ds_config)
-    return eng.build_inference_engine(model, ds_config)
+    settings = EvalSettings(every=e.every, sampling=sampling_of(e, e.samples), ks=tuple(e.ks),
+                            batch_questions=e.batch_questions)
+    return Evaluator(sets, settings, rollout=rt.rollout, grader=rt.grader, tokenizer=rt.tokenizer, info=rt.info)
 
 
 def run_sft(cfg: Config, resume_arg: str | None) -> dict:
     """Cold-start SFT: steps = ceil(sft.epochs x rows / sft.batch_size), or fewer with sft.max_steps."""
-    import math
-
     from tapo_ds.sft import SFTTrainer, load_sft_rows
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     sc = cfg.sft
-    if sc.batch_size % world:
-        raise ConfigError(f"sft.batch_size: {sc.batch_size} is not divisible by the {world} ranks")
+    if sc.batch_size % world_size():
+        raise ConfigError(f"sft.batch_size: {sc.batch_size} is not divisible by the {world_size()} ranks")
     where = resume_target(resume_arg, cfg.run_dir)
     # The tokenizer is needed to count steps before the engine (and its LR schedule) exists.
-    tokenizer = modeling.build_tiny_tokenizer() if cfg.model.path == "tiny" else modeling.load_tokenizer(
-        cfg.model.path, cfg.model.trust_remote_code)
-    rows, too_long = load_sft_rows(sc.train_files, tokenizer, prompt_field=sc.prompt_field,
+    rows, too_long = load_sft_rows(sc.train_files, load_tokenizer(cfg), prompt_field=sc.prompt_field,
                                    response_field=sc.response_field,
                                    chat_template_kwargs=cfg.model.chat_template_kwargs,
                                    max_seq_tokens=sc.max_seq_tokens)
     schedule_steps = math.ceil(sc.epochs * len(rows) / sc.batch_size)
     total = min(schedule_steps, sc.max_steps) if sc.max_steps else schedule_steps
-    engine, info, tokenizer, _ = setup_engine(cfg, world, cfg.algorithm.micro_batch_size,
-                                              total_steps=schedule_steps)
-    run_dir = _prepare_run_dir(cfg, info.rank)
-    monitor = Monitor(run_dir, enabled=info.rank == 0, tensorboard=cfg.logging.tensorboard,
-                      progress_bar=cfg.logging.progress_bar, total_steps=total, desc=f"{cfg.name} (sft)",
-                      append=resume_arg is not None)
-    monitor.message(f"{cfg.name}: SFT on {len(rows)} rows ({too_long} over sft.max_seq_tokens dropped), "
-                    f"{total} steps of {sc.batch_size}, {info.world_size} rank(s), ZeRO stage {info.zero_stage}")
-    sampler = EpochSampler(len(rows), cfg.seed, True)
-    state = LoopState(step=0, sampler=sampler)
-    resume(engine, state, where, monitor)
-    if monitor.bar is not None:
-        monitor.bar.n = state.step
-    trainer = SFTTrainer(engine=engine, info=info, rows=rows, sampler=sampler, batch_size=sc.batch_size,
-                         micro_batch_size=cfg.algorithm.micro_batch_size, pad_id=tokenizer.pad_token_id)
-    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout,
-                     memory_mb=cfg.reward.memory_mb) as grader:
-        # Optional held-out evaluation (evaluation.*), e.g. to watch a cold start reach the RL band.
-        rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
-                              tokenizer.pad_token_id, seed=cfg.seed, gather=cfg.rollout.gather,
-                              module_factory=modeling.model_factory(engine.module.config))
-        evaluator = build_evaluator(cfg, tokenizer, rollout, grader, info)
+    monitor = MonitorSpec(total, f"{cfg.name} (sft)", append=resume_arg is not None)
+    # Rollout and grader only for the optional held-out evaluation (evaluation.*).
+    with open_runtime(cfg, train=True, total_steps=schedule_steps, rollout=evaluates(cfg), grader=evaluates(cfg),
+                      monitor=monitor) as rt:
+        rt.monitor.message(f"{cfg.name}: SFT on {len(rows)} rows ({too_long} over sft.max_seq_tokens dropped), "
+                           f"{total} steps of {sc.batch_size}, {rt.info.world_size} rank(s), ZeRO stage "
+                           f"{rt.info.zero_stage}")
+        sampler = EpochSampler(len(rows), cfg.seed, True)
+        state = _resumed(rt, sampler, where)
+        trainer = SFTTrainer(engine=rt.engine, info=rt.info, rows=rows, sampler=sampler, batch_size=sc.batch_size,
+                             micro_batch_size=cfg.algorithm.micro_batch_size, pad_id=rt.tokenizer.pad_token_id)
+        evaluator = build_evaluator(cfg, rt)
 
         def step_fn(step: int) -> dict:
             metrics = trainer.step(step)
             if evaluator is not None and (evaluator.due(step) or step == total):
                 metrics.update(evaluator.run(step))
-            return metrics
+            return metrics.reduce(all_reduce_, rt.info.device)
 
-        try:
-            return run_loop(step_fn=step_fn, state=state, total_steps=total, engine=engine, tokenizer=tokenizer,
-                            monitor=monitor, run_dir=run_dir, ckpt_every=cfg.checkpoint.every,
-                            keep_last=cfg.checkpoint.keep_last, export_hf=cfg.checkpoint.export_hf,
-                            rank=info.rank, bar_fields={"loss": "sft/loss"})
-        finally:
-            monitor.close()
+        return _loop(rt, step_fn, state, total, {"loss": "sft/loss"})
+
+
+def _resumed(rt: Runtime, sampler, where) -> LoopState:
+    state = LoopState(step=0, sampler=sampler)
+    resume(rt.engine, state, where, rt.monitor)
+    if rt.monitor.bar is not None:
+        rt.monitor.bar.n = state.step
+    return state
+
+
+def _loop(rt: Runtime, step_fn, state: LoopState, total: int, bar_fields: dict[str, str]) -> dict:
+    c = rt.cfg.checkpoint
+    return run_loop(step_fn=step_fn, state=state, total_steps=total, engine=rt.engine, tokenizer=rt.tokenizer,
+                    monitor=rt.monitor, run_dir=rt.run_dir, ckpt_every=c.every, keep_last=c.keep_last,
+                    export_hf=c.export_hf, rank=rt.info.rank, bar_fields=bar_fields)
 
 
 def run_prefilter(cfg: Config, resume_arg: str | None) -> dict:
@@ -230,23 +166,18 @@ def run_prefilter(cfg: Config, resume_arg: str | None) -> dict:
 
     if resume_arg:
         raise ConfigError("--resume: the prefilter stage has nothing to resume; run it again")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    engine, tokenizer, rollout = _inference_engine(cfg, cfg.model.path)
-    rank = torch.distributed.get_rank()
-    run_dir = _prepare_run_dir(cfg, rank)
-    d, p, r = cfg.data, cfg.prefilter, cfg.rollout
-    examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
-    questions, too_long = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
-                                  d.max_prompt_tokens)
-    sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k, n_samples_per_prompt=p.samples)
-    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout,
-                     memory_mb=cfg.reward.memory_mb) as grader:
-        local = count_correct(questions[rank::world], rollout=rollout, grader=grader, tokenizer=tokenizer,
-                              sampling=sampling, batch_questions=p.batch_questions, device=engine.device)
+    d, p = cfg.data, cfg.prefilter
+    with open_runtime(cfg, train=False, rollout=True, grader=True) as rt:
+        rank, world = rt.info.rank, rt.info.world_size
+        examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
+        questions, too_long = prepare(examples, rt.tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
+                                      d.max_prompt_tokens)
+        local = count_correct(questions[rank::world], rollout=rt.rollout, grader=rt.grader, tokenizer=rt.tokenizer,
+                              sampling=sampling_of(cfg.rollout, p.samples), batch_questions=p.batch_questions,
+                              device=rt.info.device)
     result = PrefilterResult(gather_counts(local, rank, world), p.samples)
     keep = result.keep(p.low, p.high)
-    out = Path(p.output) if p.output else run_dir / "filtered.jsonl"
+    out = Path(p.output) if p.output else rt.run_dir / "filtered.jsonl"
     if rank == 0:
         write_filtered(out, questions, result, keep, d.problem_field, d.answer_field)
         print(result.render(p.low, p.high), flush=True)
@@ -255,68 +186,43 @@ def run_prefilter(cfg: Config, resume_arg: str | None) -> dict:
             "prefilter/pass_rate_mean": sum(result.correct) / max(1, len(result.correct) * p.samples)}
 
 
-def _inference_engine(cfg: Config, path: str):
-    """A DeepSpeed engine without optimizer (ZeRO-3 partitioned loading for big models)."""
-    import dataclasses
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=1, world_size=world, grad_clip=0.0,
-                                   hybrid_engine=False, dtype=cfg.model.dtype)
-    model, tokenizer = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=path)),
-                                   ds_config)
-    engine = eng.build_inference_engine(model, ds_config)
-    rollout = TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, engine.module.config),
-                          tokenizer.pad_token_id, seed=cfg.seed, gather=cfg.rollout.gather,
-                          module_factory=modeling.model_factory(engine.module.config))
-    rollout.sync_weights(0)
-    return engine, tokenizer, rollout
-
-
 def run_coldstart(cfg: Config, resume_arg: str | None) -> dict:
     """Sample answers with model.path, construct, keep what verifies, write the two files (rank 0)."""
-    from tapo_ds.coldstart import BatchedModelConstructor, build_with_model, build_with_rule
+    from tapo_ds.coldstart import build_coldstart, format_examples, model_constructor, per_pair, pool_grader
     from tapo_ds.prefilter import sample_and_grade
-    from tapo_ds.synthetic.coldstart import format_examples
     from tapo_ds.trajectory import load_template
 
     if resume_arg:
         raise ConfigError("--resume: the coldstart stage has nothing to resume; run it again")
-    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+    if world_size() != 1:
         raise ConfigError("stage: coldstart runs on one rank (launch without --num_gpus > 1)")
-    c, d, r, t = cfg.coldstart, cfg.data, cfg.rollout, cfg.tapo
+    c, d, t = cfg.coldstart, cfg.data, cfg.tapo
     # Rows and template are read before the model loads: a bad line fails in seconds, not after minutes.
     examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
     template = load_template(t.template or t.construction)
-    engine, tokenizer, rollout = _inference_engine(cfg, cfg.model.path)
-    run_dir = _prepare_run_dir(cfg, 0)
-    questions, too_long = prepare(examples, tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
-                                  d.max_prompt_tokens)
-    sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k, n_samples_per_prompt=c.samples)
-    kwargs = dict(n_pos=c.n_pos, n_neg=c.n_neg, m_max=c.m_max, seed=cfg.seed, prompt_template=d.prompt_template,
-                  construction_template=template, min_fidelity=c.min_fidelity or None, n_examples=c.examples,
-                  count_tokens=lambda p: len(encode(tokenizer, render_chat(tokenizer, p, cfg.model.chat_template_kwargs))),
-                  max_prompt_tokens=t.max_prompt_tokens)
-    with GradingPool(num_workers=cfg.reward.num_workers, timeout=cfg.reward.timeout,
-                     memory_mb=cfg.reward.memory_mb) as grader:
-        texts, rewards = sample_and_grade(questions, rollout=rollout, grader=grader, tokenizer=tokenizer,
-                                          sampling=sampling, batch_questions=c.batch_questions, device=engine.device)
-        common = dict(questions=[q.example.problem for q in questions], answers=[q.example.answer for q in questions],
-                      responses=texts, rewards=rewards, grader_pool=grader, build_kwargs=kwargs)
+    with open_runtime(cfg, train=False, rollout=True, grader=True) as rt, contextlib.ExitStack() as stack:
+        tok, chat = rt.tokenizer, cfg.model.chat_template_kwargs
+        questions, too_long = prepare(examples, tok, d.prompt_template, chat, d.max_prompt_tokens)
+        texts, rewards = sample_and_grade(questions, rollout=rt.rollout, grader=rt.grader, tokenizer=tok,
+                                          sampling=sampling_of(cfg.rollout, c.samples),
+                                          batch_questions=c.batch_questions, device=rt.info.device)
         if c.constructor == "rule":
             from tapo_ds.synthetic.constructor import rule_constructor
 
-            result = build_with_rule(rule=rule_constructor(t.construction), **common)
+            constructor = per_pair(rule_constructor(t.construction))
         else:
-            c_rollout, c_tok = rollout, tokenizer
-            if c.constructor_path:
-                _, c_tok, c_rollout = _inference_engine(cfg, c.constructor_path)
-            constructor = BatchedModelConstructor(
-                rollout=c_rollout, tokenizer=c_tok, template=template, chat_template_kwargs=cfg.model.chat_template_kwargs,
-                sampling=SamplingConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
-                                        n_samples_per_prompt=1), device=engine.device)
-            result = build_with_model(constructor=constructor, **common)
-    out = Path(c.output_dir) if c.output_dir else run_dir
+            writer = rt if not c.constructor_path else stack.enter_context(
+                open_runtime(cfg, train=False, model_path=c.constructor_path, rollout=True, run_dir=False))
+            constructor = model_constructor(rollout=writer.rollout, tokenizer=writer.tokenizer,
+                                            sampling=sampling_of(t, 1), chat_template_kwargs=chat,
+                                            device=rt.info.device)
+        result = build_coldstart(
+            [q.example.problem for q in questions], [q.example.answer for q in questions], texts, rewards,
+            constructor, pool_grader(rt.grader), n_pos=c.n_pos, n_neg=c.n_neg, m_max=c.m_max, seed=cfg.seed,
+            prompt_template=d.prompt_template, construction_template=template,
+            count_tokens=lambda p: len(encode(tok, render_chat(tok, p, chat))), max_prompt_tokens=t.max_prompt_tokens,
+            min_fidelity=c.min_fidelity or None, n_examples=c.examples)
+    out = Path(c.output_dir) if c.output_dir else rt.run_dir
     paths = result.write(out)
     print(f"cold-start data from {len(questions)} questions x {c.samples} samples "
           f"({too_long} over data.max_prompt_tokens skipped): {result.stats.summary()}", flush=True)

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from tapo_ds.algorithms import (
+    ORIGINAL_PART,
     GlobalCounts,
     PolicyLossParams,
     get_kl_estimator,
@@ -26,6 +27,7 @@ from tapo_ds.algorithms import (
 )
 from tapo_ds.batch import MicroBatch, Sample, collate, dummy_batch, plan_micro_batches
 from tapo_ds.engine import all_reduce_
+from tapo_ds.metrics import StepMetrics
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,14 @@ def micro_batches(samples: Sequence[Sample], indices: Sequence[int], micro_batch
 
 @torch.no_grad()
 def per_token_stats(module, samples, micro_batch_size, pad_id, device, *, with_entropy: bool,
-                    entropy_for: Callable[[Sample], bool] = lambda s: True):
-    """Log-probs (and entropies) of every sample's response tokens under ``module``, as lists."""
+                    which: Callable[[Sample], bool] = lambda s: True):
+    """Log-probs (and entropies) of the response tokens of the samples ``which`` picks, under ``module``,
+    as per-sample vectors (None for the others). Every rank must call it (ZeRO-3 gathers)."""
     logps: list[torch.Tensor | None] = [None] * len(samples)
     ents: list[torch.Tensor | None] = [None] * len(samples)
-    need_entropy = with_entropy and any(entropy_for(s) for s in samples)
-    for mb in micro_batches(samples, range(len(samples)), micro_batch_size, pad_id, device):
-        logp, ent = forward_logp(module, mb, with_entropy=need_entropy)
+    chosen = [i for i, s in enumerate(samples) if which(s)]
+    for mb in micro_batches(samples, chosen, micro_batch_size, pad_id, device):
+        logp, ent = forward_logp(module, mb, with_entropy=with_entropy)
         for row, i in enumerate(mb.index):
             keep = mb.response_mask[row].bool()
             logps[i] = logp[row][keep].float().cpu()
@@ -85,70 +88,76 @@ def _pad_rows(rows: Sequence[torch.Tensor], mb: MicroBatch, fill: float) -> torc
     return out
 
 
+@dataclass(frozen=True)
+class UpdateShares:
+    """This rank's share of one optimizer step's metrics: each already divided by the step's global
+    count, so the shares of all ranks add up to the step's value."""
+    pg_loss: float
+    clip_frac: float
+    entropy: float  # over the tokens of original samples
+    kl: float | None  # None without a reference
+    grad_norm: float  # global already
+    lr: float
+
+
+def update_metrics(updates: Sequence[UpdateShares]) -> StepMetrics:
+    """``actor/*``: means over the step's optimizer updates; the learning rate is the last one's."""
+    m, n = StepMetrics(), len(updates)
+    m.sum("actor/pg_loss", sum(u.pg_loss for u in updates) / n)
+    m.sum("actor/clip_frac", sum(u.clip_frac for u in updates) / n)
+    m.sum("actor/entropy", sum(u.entropy for u in updates) / n)
+    if updates[0].kl is not None:
+        m.sum("actor/kl", sum(u.kl for u in updates) / n)
+    m.local("actor/grad_norm", sum(u.grad_norm for u in updates) / n)
+    m.local("actor/lr", updates[-1].lr)
+    return m
+
+
 def optimizer_step(engine, samples: Sequence[Sample], indices: Sequence[int], settings: LossSettings, *,
                    micro_batch_size: int, pad_id: int, old_logp=None, token_weights=None, ref_logp=None,
-                   world_size: int = 1) -> dict[str, float]:
+                   world_size: int = 1) -> UpdateShares:
     """One optimizer step over ``samples[indices]`` (this rank's share of the global batch).
 
-    ``old_logp``/``ref_logp`` are per-sample response vectors or None. Without ``old_logp`` the
-    step is on-policy: the ratio is taken against this very forward's detached log-probs (same
-    parameters, one forward saved). ``token_weights`` is per-sample vectors, None, or a callable
-    ``(micro_batch, logp, entropy) -> [n, L-1]`` evaluated on this forward (on-policy OTS).
+    ``old_logp``, ``token_weights`` and ``ref_logp`` are per-sample response vectors or None. Without
+    ``old_logp`` the step is on-policy: the ratio is taken against this very forward's detached
+    log-probs (same parameters, one forward saved). Without ``token_weights`` every token weighs 1.
     """
     device = engine.device
     mbs = micro_batches(samples, indices, micro_batch_size, pad_id, device)
     counts = sum((local_counts(mb.response_mask, mb.part) for mb in mbs), GlobalCounts.zeros(device=device))
     counts = GlobalCounts.from_tensor(all_reduce_(counts.as_tensor(), "sum"))
+    # The step's global token counts (all parts, and original samples) divide the per-token sums below.
+    tokens = max(float(counts.tokens.sum()), 1.0)
+    original_tokens = max(float(counts.tokens[ORIGINAL_PART]), 1.0)
     scale = torch.tensor(settings.part_scale, dtype=torch.float32, device=device)
     loss_fn = get_policy_loss(settings.policy_loss)
     kl_fn = get_kl_estimator(settings.kl_estimator) if ref_logp is not None else None
 
-    # loss, clipped tokens, kl, tokens, entropy sum and tokens of original samples
-    total = torch.zeros(6, dtype=torch.float64, device=device)
+    loss_sum = clipped = kl_sum = entropy_sum = 0.0
     for mb in mbs:
-        fused_weights = callable(token_weights) and bool(mb.part.any())
-        # The entropy comes from the same chunked pass as the log-probs (cheap): a metric, and
-        # the OTS weights of on-policy constructed samples.
+        # The entropy comes from the same chunked pass as the log-probs (cheap): a metric.
         logp, entropy = forward_logp(engine, mb, with_entropy=True)
         mask = mb.response_mask
         old = _pad_rows([old_logp[i] for i in mb.index], mb, 0.0) if old_logp is not None else logp.detach()
-        if callable(token_weights):
-            # On-policy: this forward *is* the pre-update policy, so OTS weights come from it.
-            weights = token_weights(mb, logp.detach(), entropy.detach()) if fused_weights else None
-        elif token_weights is not None:
-            weights = _pad_rows([token_weights[i] for i in mb.index], mb, 1.0)
-        else:
-            weights = None
+        weights = _pad_rows([token_weights[i] for i in mb.index], mb, 1.0) if token_weights is not None else None
         out = loss_fn(logp, old, mb.advantages, mask, weights, settings.clip)
         per_token = out.per_token_loss
         if kl_fn is not None:
             kl = kl_fn(logp, _pad_rows([ref_logp[i] for i in mb.index], mb, 0.0)) * mask
             per_token = per_token + settings.kl_coef * kl
-            total[2] += float((kl.detach() * mask).sum())
+            kl_sum += float((kl.detach() * mask).sum())
         coef = token_coefficients(mask, mb.part, scale, counts, settings.agg_mode, settings.combination)
         loss = micro_batch_loss(per_token, coef)
         # DeepSpeed averages gradients over ranks; the coefficients already normalise globally.
         engine.backward(loss * world_size, scale_wrt_gas=False)
-        total[0] += float(loss.detach())
-        valid = float(mask.sum())
-        total[1] += out.metrics.get("actor/clip_frac", 0.0) * valid
-        total[3] += valid
-        original = mask * (mb.part == 0).unsqueeze(1)
-        total[4] += float((entropy.detach() * original).sum())
-        total[5] += float(original.sum())
+        loss_sum += float(loss.detach())
+        clipped += out.metrics.get("actor/clip_frac", 0.0) * float(mask.sum())
+        original = mask * (mb.part == ORIGINAL_PART).unsqueeze(1)
+        entropy_sum += float((entropy.detach() * original).sum())
     engine.step()
-    all_reduce_(total, "sum")
-    tokens = max(float(total[3]), 1.0)
-    metrics = {
-        "actor/pg_loss": float(total[0]),
-        "actor/clip_frac": float(total[1]) / tokens,
-        "actor/entropy": float(total[4]) / max(float(total[5]), 1.0),
-        "actor/grad_norm": _grad_norm(engine),
-        "actor/lr": engine.get_lr()[0],
-    }
-    if kl_fn is not None:
-        metrics["actor/kl"] = float(total[2]) / tokens
-    return metrics
+    return UpdateShares(pg_loss=loss_sum, clip_frac=clipped / tokens, entropy=entropy_sum / original_tokens,
+                        kl=kl_sum / tokens if kl_fn is not None else None, grad_norm=_grad_norm(engine),
+                        lr=engine.get_lr()[0])
 
 
 def _grad_norm(engine) -> float:

@@ -17,7 +17,7 @@ from tapo_ds import engine as eng
 from tapo_ds.algorithms import PolicyLossParams
 from tapo_ds.batch import Sample
 from tapo_ds.modeling import build_tiny_model_and_tokenizer
-from tapo_ds.update import LossSettings, optimizer_step
+from tapo_ds.update import LossSettings, optimizer_step, update_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 N_SAMPLES = 7
@@ -58,8 +58,9 @@ def main() -> None:
     mine = range(len(samples)) if world == 1 else range(CUTS[rank], CUTS[rank + 1])
     settings = LossSettings(policy_loss="ppo_clip", clip=PolicyLossParams(0.2, 0.2), agg_mode="seq-mean-token-mean",
                             part_scale=(1.0, 0.5))
-    metrics = optimizer_step(engine, samples, list(mine), settings, micro_batch_size=MICRO_BATCH,
-                             pad_id=tokenizer.pad_token_id, world_size=world)
+    update = optimizer_step(engine, samples, list(mine), settings, micro_batch_size=MICRO_BATCH,
+                            pad_id=tokenizer.pad_token_id, world_size=world)
+    metrics = update_metrics([update]).reduce(eng.all_reduce_, engine.device)
     state = eng.gathered_state_dict(engine)
     if rank == 0:
         torch.save({k: v.detach().float().cpu() for k, v in state.items()}, args.out)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from conftest import subprocess_env
 
-from tapo_ds import stages
+from tapo_ds import runtime
+from tapo_ds.data import write_jsonl
 from tapo_ds.main import main
 from tapo_ds.scripted import ScriptedRollout
 from tapo_ds.synthetic.constructor import construct
 from tapo_ds.synthetic.errors import ERROR_KINDS, corrupt
-from tapo_ds.synthetic.task import generate_dataset, write_jsonl
+from tapo_ds.synthetic.task import generate_dataset
 from tapo_ds.trajectory import DEFAULT_CONSTRUCTION_TEMPLATE, parse_construction, render_construction_prompt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,13 +151,8 @@ def test_coldstart_stage_model_constructor_scripted(tmp_path, monkeypatch, capsy
     rows = generate_dataset(10, seed=4, steps=(2, 3))
     write_jsonl(rows, tmp_path / "train.jsonl")
     policy = ScriptedPolicy(rows, DEFAULT_CONSTRUCTION_TEMPLATE)
-    real_engine = stages._inference_engine
-
-    def scripted_engine(cfg, path):
-        engine, tok, _ = real_engine(cfg, path)
-        return engine, tok, ScriptedRollout(tok, policy, tok.eos_token_id, tok.pad_token_id)
-
-    monkeypatch.setattr(stages, "_inference_engine", scripted_engine)
+    monkeypatch.setattr(runtime, "make_rollout",
+                        lambda cfg, engine, tok: ScriptedRollout(tok, policy, tok.eos_token_id, tok.pad_token_id))
     out = tmp_path / "data" / "coldstart"  # not there yet: the stage creates it
     code = main(["--config", str(REPO / "configs" / "tiny.yaml"), "--set", "stage=coldstart", "--set", "name=cs",
                  "--set", f"output_dir={tmp_path}", "--set", f"data.train_files=[{tmp_path / 'train.jsonl'}]",

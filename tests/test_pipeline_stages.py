@@ -9,15 +9,15 @@ import pytest
 from conftest import subprocess_env
 from deepspeed.runtime.rollout.base import SamplingConfig
 
-from tapo_ds.coldstart import BatchedModelConstructor, build_with_model
-from tapo_ds.data import load_examples, prepare
+from tapo_ds.coldstart import build_coldstart, model_constructor, pool_grader
+from tapo_ds.data import load_examples, prepare, write_jsonl
 from tapo_ds.modeling import build_tiny_tokenizer
 from tapo_ds.prefilter import PrefilterResult, count_correct, sample_and_grade
 from tapo_ds.reward import GradingPool
 from tapo_ds.scripted import ScriptedRollout
 from tapo_ds.synthetic.constructor import construct
 from tapo_ds.synthetic.errors import corrupt
-from tapo_ds.synthetic.task import generate_dataset, write_jsonl
+from tapo_ds.synthetic.task import generate_dataset
 from tapo_ds.trajectory import DEFAULT_CONSTRUCTION_TEMPLATE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,13 +90,11 @@ def test_coldstart_keeps_only_verified(synthetic, grader, tmp_path):
     sampling = SamplingConfig(max_new_tokens=200, n_samples_per_prompt=8)
     texts, rewards = sample_and_grade(qs, rollout=rollout, grader=grader, tokenizer=tok, sampling=sampling,
                                       batch_questions=4, device="cpu")
-    constructor = BatchedModelConstructor(rollout=rollout, tokenizer=tok, template=DEFAULT_CONSTRUCTION_TEMPLATE,
-                                          sampling=SamplingConfig(max_new_tokens=400), chat_template_kwargs={},
-                                          device="cpu")
-    result = build_with_model(questions=[q.example.problem for q in qs], answers=[q.example.answer for q in qs],
-                              responses=texts, rewards=rewards, constructor=constructor, grader_pool=grader,
-                              build_kwargs=dict(n_pos=1, n_neg=1, m_max=2, seed=0, prompt_template="{problem}",
-                                                construction_template=DEFAULT_CONSTRUCTION_TEMPLATE))
+    constructor = model_constructor(rollout=rollout, tokenizer=tok, sampling=SamplingConfig(max_new_tokens=400),
+                                    chat_template_kwargs={}, device="cpu")
+    result = build_coldstart([q.example.problem for q in qs], [q.example.answer for q in qs], texts, rewards,
+                             constructor, pool_grader(grader), n_pos=1, n_neg=1, m_max=2, seed=0,
+                             prompt_template="{problem}", construction_template=DEFAULT_CONSTRUCTION_TEMPLATE)
     # questions with 1..7 right of 8 are candidates; m_max=2 pairs each, 1 for the one with a single wrong
     assert result.stats.pairs == 13 and rollout.calls == 3 + 1  # 3 sampling batches, 1 construction batch
     s = result.stats

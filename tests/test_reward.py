@@ -21,7 +21,6 @@ from tapo_ds.reward import (
     MAX_ANSWER_CHARS,
     GradeResult,
     GradingPool,
-    compute_score,
     last_boxed,
     math_equal,
 )
@@ -125,13 +124,11 @@ DIFFERENT = [
 @pytest.mark.parametrize("prediction, gold", EQUIVALENT)
 def test_equivalent(prediction, gold):
     assert math_equal(prediction, gold)
-    assert compute_score(prediction, gold) == 1.0
 
 
 @pytest.mark.parametrize("prediction, gold", DIFFERENT)
 def test_different(prediction, gold):
     assert not math_equal(prediction, gold)
-    assert compute_score(prediction, gold) == 0.0
 
 
 # --------------------------------------------------------------------------- percent and degree forms
@@ -333,7 +330,6 @@ def test_astronomical_answers_do_not_wait_for_the_kill_timeout(pool, response, c
     # well under the 5 s kill; 1 s leaves a 5x margin on a loaded machine
     assert time.perf_counter() - start < 1.0
     assert res.correct == [False] and res.timeouts == 0 and getattr(res, counted) == 1
-    assert res.metrics()[f"reward/{'refused' if counted == 'refused' else 'error'}_rate"] == 1.0
 
 
 def test_a_refused_reference_refuses_the_pair(pool):
@@ -360,7 +356,7 @@ def test_batch_of_64_in_order(pool):
     assert res.no_box == sum(last_boxed(p) is None for p, _, _ in rows)
 
 
-def test_counts_and_metrics(pool):
+def test_counts(pool):
     res = pool.grade([
         ("\\boxed{204}", "204"),
         ("a long response without a box " * 10, "204"),  # no box: wrong, not an error
@@ -369,10 +365,7 @@ def test_counts_and_metrics(pool):
         ("\\boxed{3}", ""),  # empty gold: error
     ])
     assert res == GradeResult(correct=[True, False, False, False, False], timeouts=0, errors=3, no_box=1)
-    assert res.metrics() == {"reward/accuracy": 0.2, "reward/timeout_rate": 0.0,
-                             "reward/error_rate": 0.6, "reward/no_box_rate": 0.2, "reward/refused_rate": 0.0}
-    empty = pool.grade([])
-    assert empty.correct == [] and empty.metrics()["reward/error_rate"] == 0.0
+    assert pool.grade([]) == GradeResult(correct=[])
 
 
 def test_timeout_is_counted_and_the_pool_recovers(pool, no_structural_check):

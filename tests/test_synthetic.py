@@ -8,6 +8,8 @@ import statistics
 
 import pytest
 
+from tapo_ds.coldstart import build_coldstart, format_examples, per_pair, pool_grader
+from tapo_ds.data import read_jsonl
 from tapo_ds.reward import GradingPool, last_boxed, math_equal
 from tapo_ds.synthetic import (
     ERROR_KINDS,
@@ -15,26 +17,22 @@ from tapo_ds.synthetic import (
     SYNTHETIC_CONSTRUCTION_TEMPLATE,
     CorruptionError,
     Problem,
-    build_coldstart,
     build_synthetic_mix,
     construct,
     corrupt,
     diagnose,
-    format_examples,
     generate_dataset,
     generate_problems,
-    math_equal_grader,
     mix_counts,
     parse_problem,
     parse_step,
-    pool_grader,
     random_wrong_solution,
     rule_constructor,
     split_of,
     synthetic_grader,
 )
 from tapo_ds.synthetic.__main__ import main as cli_main
-from tapo_ds.synthetic.task import apply, read_jsonl
+from tapo_ds.synthetic.task import apply
 from tapo_ds.trajectory import (
     DEFAULT_CONSTRUCTION_TEMPLATE,
     parse_construction,
@@ -317,6 +315,10 @@ def scripted_groups(n=12, k=4, seed=0):
     return qs, answers, responses, rewards
 
 
+def math_equal_grader(pairs):
+    return [math_equal(response, gold) for response, gold in pairs]
+
+
 def test_builder_keeps_only_verified_constructions_and_writes_both_formats(tmp_path):
     qs, answers, responses, rewards = scripted_groups()
     rule = rule_constructor()
@@ -334,7 +336,7 @@ def test_builder_keeps_only_verified_constructions_and_writes_both_formats(tmp_p
             return good.replace("Final Answer: \\boxed{", "Final Answer: \\boxed{1")
         return good
 
-    res = build_coldstart(qs, answers, responses, rewards, flaky, math_equal_grader,
+    res = build_coldstart(qs, answers, responses, rewards, per_pair(flaky), math_equal_grader,
                           n_pos=1, n_neg=1, m_max=2, seed=0,
                           construction_template=SYNTHETIC_CONSTRUCTION_TEMPLATE)
     s = res.stats
@@ -357,7 +359,7 @@ def test_builder_keeps_only_verified_constructions_and_writes_both_formats(tmp_p
     # The same build graded by a GradingPool, one batch.
     calls.clear()
     with GradingPool(num_workers=1) as pool:
-        again = build_coldstart(qs, answers, responses, rewards, flaky, pool_grader(pool),
+        again = build_coldstart(qs, answers, responses, rewards, per_pair(flaky), pool_grader(pool),
                                 n_pos=1, n_neg=1, m_max=2, seed=0,
                                 construction_template=SYNTHETIC_CONSTRUCTION_TEMPLATE)
     assert again.sft == res.sft and again.ift == res.ift and again.stats == res.stats
@@ -368,7 +370,7 @@ def test_builder_keeps_only_verified_constructions_and_writes_both_formats(tmp_p
 
 def test_builder_selection_budget_and_fidelity_filters():
     qs, answers, responses, rewards = scripted_groups()
-    rule = rule_constructor()
+    rule = per_pair(rule_constructor())
     strict = build_coldstart(qs, answers, responses, rewards, rule, synthetic_grader,
                              n_pos=2, n_neg=2, m_max=4)
     assert strict.stats.candidates == 2  # exactly 2 right and 2 wrong out of 4
@@ -379,13 +381,14 @@ def test_builder_selection_budget_and_fidelity_filters():
                            count_tokens=len, max_prompt_tokens=1000)
     assert long.stats.too_long == long.stats.pairs > 0 and long.sft == [] and long.ift == []
     # Full reconstructions keep no prefix: fidelity 0, dropped by a fidelity floor.
-    full = build_coldstart(qs, answers, responses, rewards, rule_constructor(mode="full"),
+    full = build_coldstart(qs, answers, responses, rewards, per_pair(rule_constructor(mode="full")),
                            synthetic_grader, min_fidelity=0.5)
     assert full.stats.verified > 0 and full.stats.low_fidelity == full.stats.verified
     assert full.sft == []
     # An analysis-free construction is an SFT row but not an IFT row.
     bare = build_coldstart(qs, answers, responses, rewards,
-                           lambda q, w, r: rule(q, w, r).split("</analysis>")[1], synthetic_grader)
+                           per_pair(lambda q, w, r: rule_constructor()(q, w, r).split("</analysis>")[1]),
+                           synthetic_grader)
     assert bare.stats.kept_sft == bare.stats.verified - bare.stats.duplicates > 0
     assert bare.stats.kept_ift == 0
     # Duplicated wrong answers give one row.
@@ -398,8 +401,8 @@ def test_builder_selection_budget_and_fidelity_filters():
 
 def test_builder_is_deterministic():
     args = scripted_groups(seed=3)
-    a = build_coldstart(*args, rule_constructor(), synthetic_grader, m_max=3, seed=9)
-    b = build_coldstart(*args, rule_constructor(), synthetic_grader, m_max=3, seed=9)
+    a = build_coldstart(*args, per_pair(rule_constructor()), synthetic_grader, m_max=3, seed=9)
+    b = build_coldstart(*args, per_pair(rule_constructor()), synthetic_grader, m_max=3, seed=9)
     assert a.sft == b.sft and a.ift == b.ift and a.stats == b.stats
 
 
@@ -521,7 +524,7 @@ def test_diagnose_reads_the_writers_own_checks():
 
 
 def test_with_check_inserts_a_right_recheck():
-    from tapo_ds.synthetic.coldstart import with_check
+    from tapo_ds.synthetic.mix import with_check
 
     rng = random.Random(0)
     text = EXAMPLE.solution
@@ -574,7 +577,7 @@ def test_reflection_located():
 
 def _sampled(n_questions=30, seed=0):
     """Scripted K=8 answers per question: right ones and model-like wrong ones (some with own checks)."""
-    from tapo_ds.synthetic.coldstart import with_check
+    from tapo_ds.synthetic.mix import with_check
 
     rng = random.Random(seed)
     probs = problems(n_questions, seed=seed, steps=(3, 5), max_value=200)

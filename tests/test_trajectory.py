@@ -5,25 +5,25 @@ from __future__ import annotations
 import math
 import random
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from tapo_ds.algorithms import token_logprobs_and_entropy
+from tapo_ds.metrics import StepMetrics
 from tapo_ds.trajectory import (
     DEFAULT_CONSTRUCTION_TEMPLATE,
     FULL_RECONSTRUCTION_TEMPLATE,
+    OTS,
     REFLECTION_MARKERS,
     ConstructionStats,
     Pair,
     assemble,
     build_requests,
-    entropy_from_logits,
     find_reflection,
     incremental_token_texts,
     load_template,
-    ots_metrics,
-    ots_token_weights,
-    ots_weight_sums,
     ots_weights,
     parse_construction,
     parse_outputs,
@@ -50,6 +50,12 @@ def construction_output(reconstruction: str) -> str:
     return ("Sure, here is my audit.\n<analysis>\nThe first critical mistake is in step 2 "
             "(arithmetic error): 8 / 2 is 4, not 3.\n</analysis>\n<reconstruction>\n"
             f"{reconstruction}\n</reconstruction>\nThat is all.")
+
+
+def stats_metrics(stats: ConstructionStats) -> dict[str, float]:
+    m = StepMetrics()
+    stats.add_to(m)
+    return m.reduce()
 
 
 def grade(text: str, answer: str) -> float:
@@ -100,8 +106,7 @@ def test_selection_boundaries_default_setting():
     res = select_pairs(rewards, gids, n_pos=2, n_neg=4, m_max=4, rng=random.Random(0))
     # 2 right / 6 wrong selected; 1 right not; 3 wrong not (n_neg=4); 4/4 exactly at both bounds
     assert res.candidate_groups == [0, 3, 6]
-    assert res.n_groups == 7 and res.n_candidates == 3
-    assert res.metrics() == {"tapo/selected_frac": 3 / 7, "tapo/pairs": 12.0}
+    assert res.n_groups == 7 and res.n_candidates == 3 and len(res.pairs) == 12
 
 
 @pytest.mark.parametrize("setting,candidates,n_pairs", [
@@ -159,7 +164,7 @@ def test_selection_rejects_bad_arguments():
     with pytest.raises(ValueError):
         select_pairs([1.0, 0.0], [0, 0], n_pos=0, n_neg=1, m_max=1, rng=random.Random(0))
     empty = select_pairs([], [], n_pos=2, n_neg=4, m_max=4, rng=random.Random(0))
-    assert empty.pairs == [] and empty.metrics() == {"tapo/pairs": 0.0}
+    assert empty.pairs == [] and empty.n_groups == empty.n_candidates == 0
 
 
 # --------------------------------------------------------------------------- prompt
@@ -425,7 +430,7 @@ def test_assembly_keeps_wrong_construction_as_negative():
         assert s.reconstruction == PREFIX + post and "<analysis>" not in s.reconstruction
         assert s.analysis.startswith("The first critical mistake")
         assert s.prefix_fidelity == 1.0 and s.spliced_tokens == 0
-    m = res.stats.metrics()
+    m = stats_metrics(res.stats)
     assert m == pytest.approx({
         "tapo/selected_frac": 1.0, "tapo/pairs": 4.0, "tapo/skipped_long": 1.0,
         "tapo/parse_success": 2 / 3, "tapo/construction_acc": 0.5, "tapo/prefix_fidelity": 1.0,
@@ -438,7 +443,7 @@ def test_assembly_keeps_wrong_construction_as_negative():
 def test_assembly_drops_failed_under_keep_failed_false():
     _, _, res = _run(keep_failed=False)
     assert [s.reward for s in res.samples] == [1.0]
-    m = res.stats.metrics()
+    m = stats_metrics(res.stats)
     assert m["tapo/dropped_failed"] == 1.0 and m["tapo/constructed_samples"] == 1.0
     assert m["tapo/construction_acc"] == 0.5  # accuracy is over all graded constructions
 
@@ -466,9 +471,11 @@ def test_assembly_argument_checks_and_stats_add():
                  prefix="splice")
     with pytest.raises(ValueError):
         build_requests([], {}, {}, budget_tokens=10)
-    total = ConstructionStats(n_requests=2, n_parsed=1) + ConstructionStats(n_requests=2, n_parsed=2)
-    assert total.metrics()["tapo/parse_success"] == 0.75
-    assert "tapo/construction_acc" not in ConstructionStats().metrics()
+    total = StepMetrics()  # two ranks' stats
+    ConstructionStats(n_requests=2, n_parsed=1).add_to(total)
+    ConstructionStats(n_requests=2, n_parsed=2).add_to(total)
+    assert total.reduce()["tapo/parse_success"] == 0.75
+    assert "tapo/construction_acc" not in stats_metrics(ConstructionStats())
 
 
 # --------------------------------------------------------------------------- OTS
@@ -485,9 +492,7 @@ class TinyLM(torch.nn.Module):
 
 def _logp_entropy(logits, ids):
     """What the trainer computes in the pre-update pass: log p of the next token, entropy."""
-    logits, targets = logits[:, :-1], ids[:, 1:]
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
-    return logp, entropy_from_logits(logits)
+    return token_logprobs_and_entropy(logits[:, :-1], ids[:, 1:], with_entropy=True)
 
 
 def _reference(logits, ids, w_min, w_max):
@@ -544,23 +549,33 @@ def test_ots_weights_clamped_at_both_ends():
     torch.testing.assert_close(w.double(), raw.clamp(0.01, 10.0), rtol=1e-5, atol=1e-7)
 
 
-def test_ots_token_weights_ones_for_originals_and_when_disabled():
+def test_ots_weights_ones_for_originals_and_the_mean_over_constructed_tokens():
     torch.manual_seed(1)
     logp = -torch.rand(4, 6) * 3
     ent = torch.rand(4, 6) * 2
     mask = torch.ones(4, 6)
     mask[2, 4:] = 0
-    constructed = torch.tensor([False, True, True, False])
-    w = ots_token_weights(logp, ent, mask, constructed, w_min=0.01, w_max=10.0)
-    assert (w[0] == 1).all() and (w[3] == 1).all()
-    torch.testing.assert_close(w[1:3], ots_weights(logp, ent, mask)[1:3])
-    assert (ots_token_weights(logp, ent, mask, constructed, enabled=False) == 1).all()
-    assert (ots_token_weights(logp, ent, mask, torch.zeros(4, dtype=torch.bool)) == 1).all()
-    total, count = ots_weight_sums(w, mask, constructed)
-    assert count == 10
-    assert total == pytest.approx(float(w[1].sum() + w[2, :4].sum()), rel=1e-6)
-    assert ots_metrics(w, mask, constructed)["tapo/ots_weight_mean"] == pytest.approx(total / count)
-    assert ots_metrics(w, mask, torch.zeros(4, dtype=torch.bool)) == {}
+    constructed = [False, True, True, False]
+    samples = [SimpleNamespace(constructed=c, response_ids=[0] * int(m.sum())) for c, m in zip(constructed, mask)]
+    rows = [logp[i][mask[i].bool()] for i in range(4)]
+    ents = [ent[i][mask[i].bool()] for i in range(4)]
+    out = OTS(w_min=0.01, w_max=10.0)(samples, rows, ents)
+    w = out.weights
+    assert (w[0] == 1).all() and (w[3] == 1).all() and len(w[3]) == 6
+    full = ots_weights(logp, ent, mask)
+    torch.testing.assert_close(w[1], full[1])
+    torch.testing.assert_close(w[2], full[2, :4])
+    assert out.tokens == 10
+    assert out.total == pytest.approx(float(w[1].sum() + w[2].sum()), rel=1e-6)
+    m = StepMetrics()
+    out.add_to(m)
+    assert m.reduce()["tapo/ots_weight_mean"] == pytest.approx(out.total / out.tokens)
+    originals = [SimpleNamespace(constructed=False, response_ids=[0] * 6) for _ in range(4)]
+    none = OTS()(originals, [None] * 4, [None] * 4)
+    assert none.weights is None  # nothing to weigh: the update runs unweighted
+    m = StepMetrics()
+    none.add_to(m)
+    assert m.reduce() == {}
 
 
 def test_no_deepspeed_or_transformers_import():

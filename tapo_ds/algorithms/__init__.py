@@ -33,14 +33,13 @@ from .aggregation import (
     GlobalCounts,
     aggregation_names,
     combination_names,
-    deepspeed_loss_scale,
     local_counts,
     micro_batch_loss,
     register_aggregation,
     register_combination,
     token_coefficients,
 )
-from .kl import get_kl_estimator, kl_estimator_names, kl_penalty, register_kl
+from .kl import get_kl_estimator, kl_estimator_names, register_kl
 from .logprobs import token_logprobs_and_entropy
 from .policy_loss import (
     PolicyLossOutput,
@@ -69,7 +68,6 @@ __all__ = [
     "GlobalCounts",
     "aggregation_names",
     "combination_names",
-    "deepspeed_loss_scale",
     "local_counts",
     "micro_batch_loss",
     "register_aggregation",
@@ -77,7 +75,6 @@ __all__ = [
     "token_coefficients",
     "get_kl_estimator",
     "kl_estimator_names",
-    "kl_penalty",
     "register_kl",
     "token_logprobs_and_entropy",
     "PolicyLossOutput",

@@ -31,15 +31,17 @@ class AdvantageParams:
 class AdvantageOutput:
     advantages: Tensor  # [N], dtype of the rewards
     group_ids: list[str]  # the group id each sample was normalised in
-    metrics: dict[str, float] = field(default_factory=dict)
-    # Fractions whose denominator is not the group count: name -> (numerator key, denominator
-    # key) in ``metrics``. Counts add up over ranks, so divide after summing (:meth:`fractions`).
-    ratios: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # This rank's statistics, by how they combine over ranks: counts add up; a mean is its
+    # (total, count), divided once both are summed (a fraction of groups is not an average of fractions).
+    sums: dict[str, float] = field(default_factory=dict)
+    means: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def fractions(self, metrics: dict[str, float] | None = None) -> dict[str, float]:
-        """The ratios computed from ``metrics`` (e.g. summed over ranks), default this output's."""
-        m = self.metrics if metrics is None else metrics
-        return {name: m[num] / m[den] if m[den] else 0.0 for name, (num, den) in self.ratios.items()}
+    def add_to(self, metrics) -> None:
+        """Into a :class:`tapo_ds.metrics.StepMetrics`."""
+        for name, value in self.sums.items():
+            metrics.sum(name, value)
+        for name, (total, count) in self.means.items():
+            metrics.mean(name, total, count)
 
 
 AdvantageFn = Callable[[Tensor, Sequence[str], Tensor, AdvantageParams], AdvantageOutput]
@@ -126,9 +128,9 @@ def _check_inputs(rewards: Tensor, group_ids: Sequence[str], constructed: Tensor
         )
 
 
-def _zero_std_frac(stats: _GroupStats) -> float:
-    n_groups = stats.constant.numel()
-    return stats.constant.sum().item() / n_groups if n_groups else 0.0
+def _group_metrics(stats: _GroupStats) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    n_groups = float(stats.constant.numel())
+    return {"adv/num_groups": n_groups}, {"adv/zero_std_group_frac": (float(stats.constant.sum().item()), n_groups)}
 
 
 @register_advantage("grpo")
@@ -141,13 +143,9 @@ def grpo_advantages(
     """
     _check_inputs(rewards, group_ids, constructed)
     stats = _group_stats(rewards, group_ids, params.eps)
+    sums, means = _group_metrics(stats)
     return AdvantageOutput(
-        advantages=stats.normalised.to(rewards.dtype),
-        group_ids=list(group_ids),
-        metrics={
-            "adv/zero_std_group_frac": _zero_std_frac(stats),
-            "adv/num_groups": float(stats.constant.numel()),
-        },
+        advantages=stats.normalised.to(rewards.dtype), group_ids=list(group_ids), sums=sums, means=means
     )
 
 
@@ -165,10 +163,10 @@ def tapo_advantages(
     ``params.equal_reward_groups == "reward"``.
     Without constructed samples this is exactly :func:`grpo_advantages`.
 
-    ``tapo/reflected_mixed_frac`` (a ratio, see :attr:`AdvantageOutput.ratios`): among the
-    reflected groups of size >= 2, the fraction whose rewards are not all equal — the groups
-    whose constructions push a right reconstruction up against a failed one. Singletons are
-    left out of both counts; 0 when there is no reflected group of size >= 2.
+    ``tapo/reflected_mixed_frac``: among the reflected groups of size >= 2 (over all ranks), the
+    fraction whose rewards are not all equal — the groups whose constructions push a right
+    reconstruction up against a failed one. Singletons are left out of both counts; 0 when there
+    is no reflected group of size >= 2.
     """
     _check_inputs(rewards, group_ids, constructed)
     rule = _EQUAL_REWARD_RULES.get(params.equal_reward_groups)
@@ -189,18 +187,14 @@ def tapo_advantages(
     advantages = torch.where(
         gets_reward[stats.index], rewards.detach().to(torch.float64), stats.normalised
     )
-    return AdvantageOutput(
-        advantages=advantages.to(rewards.dtype),
-        group_ids=effective,
-        metrics={
-            "adv/zero_std_group_frac": _zero_std_frac(stats),
-            "adv/num_groups": float(stats.constant.numel()),
-            "tapo/reflected_groups": float(reflected.sum().item()),
-            "tapo/reflected_singletons": float(singleton.sum().item()),
-            "tapo/reflected_zero_std_groups": float((multi & stats.constant).sum().item()),
-            "tapo/reflected_mixed_groups": float((multi & ~stats.constant).sum().item()),
-            "tapo/reflected_multi_groups": float(multi.sum().item()),
-            "tapo/constructed_samples": float(is_constructed.sum().item()),
-        },
-        ratios={"tapo/reflected_mixed_frac": ("tapo/reflected_mixed_groups", "tapo/reflected_multi_groups")},
-    )
+    sums, means = _group_metrics(stats)
+    mixed, n_multi = float((multi & ~stats.constant).sum().item()), float(multi.sum().item())
+    sums.update({
+        "tapo/reflected_groups": float(reflected.sum().item()),
+        "tapo/reflected_singletons": float(singleton.sum().item()),
+        "tapo/reflected_zero_std_groups": float((multi & stats.constant).sum().item()),
+        "tapo/reflected_mixed_groups": mixed,
+        "tapo/reflected_multi_groups": n_multi,
+    })
+    means["tapo/reflected_mixed_frac"] = (mixed, n_multi)
+    return AdvantageOutput(advantages=advantages.to(rewards.dtype), group_ids=effective, sums=sums, means=means)

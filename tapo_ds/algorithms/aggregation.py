@@ -15,16 +15,18 @@ a fixed coefficient computed from global counts, and the step loss is a plain su
 coefficient-weighted per-token losses. Sums can be split across micro-batches and ranks in
 any way without changing the result, which a per-micro-batch mean cannot.
 
-Trainer protocol (``tapo_ds/update.py``):
-  1. Before the first backward of a step, sum :func:`local_counts` over all of this rank's
-     micro-batches and all-reduce (SUM) the result over data-parallel ranks
+What the trainer does with them (``tapo_ds/update.py``, ``optimizer_step``):
+  1. Before the first backward of an optimizer step, it sums :func:`local_counts` over all of
+     this rank's micro-batches and all-reduces (SUM) the result over data-parallel ranks
      (:meth:`GlobalCounts.as_tensor` / :meth:`GlobalCounts.from_tensor` make it one call).
   2. For each micro-batch: coef = token_coefficients(...), loss = micro_batch_loss(...),
-     ``engine.backward(loss * world_size, scale_wrt_gas=False)``. ``scale_wrt_gas=False``
-     stops DeepSpeed from dividing by its gradient_accumulation_steps (the coefficients
-     already normalise over the whole step, whatever number of micro-batches a rank runs),
-     and ``* world_size`` undoes DeepSpeed's averaging of gradients over data-parallel ranks,
-     so the accumulated gradient is exactly dL/dtheta.
+     ``engine.backward(loss * world_size, scale_wrt_gas=False)``. Gradient accumulation is the
+     trainer's (a TAPO step has a variable number of micro-batches per rank): DeepSpeed is
+     configured with one accumulation step and ``scale_wrt_gas=False`` keeps it from dividing
+     the loss, since the coefficients already normalise over the whole step; ``* world_size``
+     undoes DeepSpeed's averaging of gradients over data-parallel ranks, so the accumulated
+     gradient is exactly dL/dtheta.
+  3. One ``engine.step()`` per optimizer step.
 """
 
 from __future__ import annotations
@@ -188,16 +190,3 @@ def micro_batch_loss(per_token_loss: Tensor, coefficients: Tensor) -> Tensor:
     own averaging (see the module docstring).
     """
     return (per_token_loss * coefficients.to(per_token_loss.dtype)).sum()
-
-
-def deepspeed_loss_scale(grad_accum_steps: int, world_size: int) -> float:
-    """The factor for ``engine.backward(loss * factor)`` with DeepSpeed's default ``scale_wrt_gas=True``.
-
-    That call divides the loss by the configured gradient_accumulation_steps and averages
-    gradients over ranks; this factor undoes both. The trainer does not take that path (a TAPO
-    step has a variable number of micro-batches): it passes ``scale_wrt_gas=False`` and
-    multiplies by the world size alone, i.e. ``deepspeed_loss_scale(1, world_size)``.
-    """
-    if grad_accum_steps < 1 or world_size < 1:
-        raise ValueError("grad_accum_steps and world_size must be >= 1")
-    return float(grad_accum_steps * world_size)

@@ -26,11 +26,6 @@ def kl_estimator_names() -> list[str]:
     return _KL.names()
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi; same shape as logp."""
-    return _KL.get(kind)(logp, ref_logp)
-
-
 @register_kl("k1")
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return logp - ref_logp

@@ -20,10 +20,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .coldstart import DEFAULT_MIX, build_synthetic_mix
+from ..data import read_jsonl, write_jsonl
 from .constructor import ANALYSIS_STYLES, MODES
 from .errors import ERROR_KINDS
-from .task import PROMPT_TEMPLATE, SYNTHETIC_TEMPLATES, generate_dataset, parse_problem, read_jsonl, write_jsonl
+from .mix import DEFAULT_MIX, build_synthetic_mix
+from .task import PROMPT_TEMPLATE, SYNTHETIC_TEMPLATES, generate_dataset, parse_problem
 
 
 def _mix(text: str) -> dict[str, float]:

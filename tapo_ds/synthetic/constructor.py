@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..reward import last_boxed
+from ..trajectory.parsing import format_construction
 from .task import FINAL_RE, Problem, Step, format_final, format_solution, parse_problem, parse_step
 
 REFLECTION = "Wait, let me double-check"
@@ -220,10 +221,6 @@ def reconstruction_text(problem: Problem, diagnosis: Diagnosis, mode: str = "mic
     lines += [s.text for s in gold[diagnosis.resume:]]
     lines.append(format_final(problem.answer))
     return "\n".join(lines)
-
-
-def format_construction(analysis: str, reconstruction: str) -> str:
-    return f"<analysis>{analysis}</analysis><reconstruction>{reconstruction}</reconstruction>"
 
 
 def construct(question: str, wrong: str, right: str | None = None, *, mode: str = "micro",

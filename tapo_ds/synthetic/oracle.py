@@ -27,7 +27,8 @@ from __future__ import annotations
 import random
 
 from ..trajectory.backends import Backend, BackendContext, ConstructionJob, register_backend
-from .constructor import Diagnosis, analysis_text, diagnose, format_construction, reconstruction_text
+from ..trajectory.parsing import format_construction
+from .constructor import Diagnosis, analysis_text, diagnose, reconstruction_text
 from .errors import CorruptionError, corrupt
 from .task import Problem, Step, format_final, format_solution, parse_problem
 

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..trajectory import build_requests, find_reflection, parse_outputs, prefix_fidelity, select_pairs
-from .coldstart import synthetic_grader
 from .constructor import diagnose, rule_constructor
+from .mix import synthetic_grader
 
 DEFAULT_TEST_FILE = "data/synthetic/test.jsonl"
 
@@ -169,13 +169,14 @@ def run_probe(model_path: str, config_path: str, *, questions: int, seed: int, c
               eval_samples: int = 5, threads: int = 0, overrides: Sequence[str] = (),
               n_examples: int = 6) -> ProbeReport:
     import torch
-    from deepspeed.runtime.rollout.base import SamplingConfig
 
     from .. import modeling
     from ..config import load_config
     from ..data import encode, load_examples, prepare, render_chat
+    from ..generation import chat_texts
     from ..prefilter import sample_and_grade
     from ..rollout import TapoRollout
+    from ..runtime import sampling_of
     from ..trajectory import load_template
 
     t0 = time.perf_counter()
@@ -193,16 +194,15 @@ def run_probe(model_path: str, config_path: str, *, questions: int, seed: int, c
     prompted, _ = prepare(examples, tok, d.prompt_template, cfg.model.chat_template_kwargs, d.max_prompt_tokens)
     grader = _Grader()
 
-    def sample(sampling: SamplingConfig):
+    def sample(sampling):
         return sample_and_grade(prompted, rollout=rollout, grader=grader, tokenizer=tok, sampling=sampling,
                                 batch_questions=cfg.prefilter.batch_questions, device="cpu")
 
-    texts, rewards = sample(SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                           top_p=r.top_p, top_k=r.top_k, n_samples_per_prompt=r.samples_per_question))
+    rollout_sampling = sampling_of(r, r.samples_per_question)
+    texts, rewards = sample(rollout_sampling)
     problems = [q.example.problem for q in prompted]
     template = load_template(t.template or t.construction)
-    cons_sampling = SamplingConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p,
-                                   n_samples_per_prompt=1)
+    cons_sampling = sampling_of(t, 1)
 
     def count(prompt: str) -> int:
         return len(encode(tok, render_chat(tok, prompt, cfg.model.chat_template_kwargs)))
@@ -227,18 +227,7 @@ def run_probe(model_path: str, config_path: str, *, questions: int, seed: int, c
         chunk = max(1, cfg.prefilter.batch_questions)
 
         def construct(prompts: list[str]) -> list[str]:
-            from deepspeed.runtime.rollout.base import RolloutRequest
-
-            from ..batch import left_pad
-
-            out = []
-            for i in range(0, len(prompts), chunk):
-                ids, mask = left_pad([encode(tok, render_chat(tok, p, cfg.model.chat_template_kwargs))
-                                      for p in prompts[i:i + chunk]], tok.pad_token_id)
-                res = rollout.generate(RolloutRequest(ids, mask), cons_sampling)
-                out += [tok.decode(res.response_ids[j, :n].tolist(), skip_special_tokens=True)
-                        for j, n in enumerate(res.response_lengths.tolist())]
-            return out
+            return chat_texts(rollout, tok, prompts, cons_sampling, cfg.model.chat_template_kwargs, batch=chunk)
     else:
         raise ValueError(f"--constructor: expected 'model' or 'rule', got {constructor!r}")
 
@@ -246,13 +235,11 @@ def run_probe(model_path: str, config_path: str, *, questions: int, seed: int, c
                     template=template, budget_tokens=t.max_prompt_tokens, count_tokens=count,
                     answers=[q.example.answer for q in prompted], seed=seed, n_examples=n_examples)
     if eval_samples:
-        _, ev = sample(SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-                                      n_samples_per_prompt=eval_samples))
+        _, ev = sample(sampling_of(e, eval_samples))
         rep.eval_pass_at_1 = sum(map(sum, ev)) / max(1, eval_samples * len(ev))
     rep.settings = {
         "model": model_path, "config": config_path, "test_file": test_file, "constructor": constructor,
-        "seed": seed, "rollout": asdict(SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                                       top_p=r.top_p, n_samples_per_prompt=r.samples_per_question)),
+        "seed": seed, "rollout": asdict(rollout_sampling),
         "construction": asdict(cons_sampling), "dcs": {"n_pos": t.n_pos, "n_neg": t.n_neg, "m_max": t.m_max},
         "evaluation": {"temperature": e.temperature, "top_p": e.top_p, "samples": eval_samples,
                        "max_new_tokens": e.max_new_tokens},

@@ -30,11 +30,9 @@ of ``PYTHONHASHSEED``).
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 OPERATORS = "+-*/"
@@ -103,10 +101,6 @@ class Problem:
     @property
     def solution(self) -> str:
         return format_solution(self.steps(), self.answer)
-
-    def numbers(self) -> list[int]:
-        """Every number written in the problem, in order (the start, then the operands)."""
-        return [self.start] + [b for _, b in self.ops]
 
 
 def apply(a: int, op: str, b: int) -> int | None:
@@ -304,20 +298,3 @@ def generate_dataset(n: int, seed: int | str = 0, steps: int | Sequence[int] = (
                                  allow_negative=allow_negative, exclude=exclude)
     prefix = split or "any"
     return [problem_record(p, f"{prefix}-{i:05d}") for i, p in enumerate(problems)]
-
-
-def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
-    """Write one JSON object per line (parents created); returns the number of rows."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]

@@ -35,8 +35,8 @@ from .assembly import (
     parse_outputs,
 )
 from .fidelity import REFLECTION_MARKERS, find_reflection, prefix_fidelity, split_at_reflection
-from .ots import entropy_from_logits, ots_metrics, ots_token_weights, ots_weight_sums, ots_weights
-from .parsing import ParsedConstruction, parse_construction
+from .ots import OTS, SampleWeights, ots_weights
+from .parsing import ParsedConstruction, format_construction, parse_construction
 from .prompt import (
     BUILTIN_TEMPLATES,
     DEFAULT_CONSTRUCTION_TEMPLATE,
@@ -52,8 +52,8 @@ __all__ = [
     "AssemblyResult", "ConstructedSample", "ConstructionRequests", "ConstructionStats",
     "ParsedBatch", "assemble", "build_requests", "parse_outputs",
     "REFLECTION_MARKERS", "find_reflection", "prefix_fidelity", "split_at_reflection",
-    "entropy_from_logits", "ots_metrics", "ots_token_weights", "ots_weight_sums", "ots_weights",
-    "ParsedConstruction", "parse_construction",
+    "OTS", "SampleWeights", "ots_weights",
+    "ParsedConstruction", "format_construction", "parse_construction",
     "BUILTIN_TEMPLATES", "DEFAULT_CONSTRUCTION_TEMPLATE", "FULL_RECONSTRUCTION_TEMPLATE",
     "load_template", "render_construction_prompt", "validate_template",
     "Pair", "SelectionResult", "select_pairs",

@@ -22,7 +22,7 @@ EOS in a response is harmless).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, Sequence, Union
 
 from .fidelity import REFLECTION_MARKERS, prefix_fidelity
@@ -61,8 +61,8 @@ class ParsedBatch:
 @dataclass
 class ConstructedSample:
     group: int                 # the question (original group index)
-    prompt_ids: list[int]      # the question exactly as rendered for the rollout
-    response_ids: list[int]    # the reconstruction's tokens (or the spliced ones) + EOS
+    prompt_ids: list[int]      # the question exactly as rendered for the rollout ([] without encode)
+    response_ids: list[int]    # the reconstruction's tokens (or the spliced ones) + EOS ([] without encode)
     reward: float              # r_ref
     pair: Pair
     analysis: str
@@ -73,7 +73,7 @@ class ConstructedSample:
 
 @dataclass
 class ConstructionStats:
-    """Counts and sums for one step (add two with ``+``, e.g. across ranks or micro-steps)."""
+    """Counts and sums of one step on one rank; :meth:`add_to` says how they combine over ranks."""
 
     n_groups: int = 0
     n_candidates: int = 0
@@ -87,28 +87,18 @@ class ConstructionStats:
     n_tokens: int = 0           # response tokens of the constructed samples, EOS included
     n_dropped_failed: int = 0
 
-    def __add__(self, other: "ConstructionStats") -> "ConstructionStats":
-        return ConstructionStats(**{f.name: getattr(self, f.name) + getattr(other, f.name)
-                                    for f in fields(self)})
-
-    def metrics(self) -> dict[str, float]:
-        """``tapo/...`` scalars. A rate or mean whose denominator is 0 is left out (not 0, not NaN)."""
-        out = {
-            "tapo/pairs": float(self.n_pairs),
-            "tapo/skipped_long": float(self.n_skipped_long),
-            "tapo/constructed_samples": float(self.n_samples),
-            "tapo/constructed_tokens": float(self.n_tokens),
-            "tapo/dropped_failed": float(self.n_dropped_failed),
-        }
-        if self.n_groups:
-            out["tapo/selected_frac"] = self.n_candidates / self.n_groups
-        if self.n_requests:
-            out["tapo/parse_success"] = self.n_parsed / self.n_requests
-        if self.n_parsed:
-            out["tapo/construction_acc"] = self.reward_sum / self.n_parsed
-            out["tapo/prefix_fidelity"] = self.fidelity_sum / self.n_parsed
-        return out
-
+    def add_to(self, m) -> None:
+        """``tapo/...`` scalars into a :class:`tapo_ds.metrics.StepMetrics`: counts add up over ranks; a rate
+        or mean whose denominator sums to 0 is left out (not 0, not NaN)."""
+        m.sum("tapo/pairs", self.n_pairs)
+        m.sum("tapo/skipped_long", self.n_skipped_long)
+        m.sum("tapo/constructed_samples", self.n_samples)
+        m.sum("tapo/constructed_tokens", self.n_tokens)
+        m.sum("tapo/dropped_failed", self.n_dropped_failed)
+        m.mean("tapo/selected_frac", self.n_candidates, self.n_groups, if_empty=None)
+        m.mean("tapo/parse_success", self.n_parsed, self.n_requests, if_empty=None)
+        m.mean("tapo/construction_acc", self.reward_sum, self.n_parsed, if_empty=None)
+        m.mean("tapo/prefix_fidelity", self.fidelity_sum, self.n_parsed, if_empty=None)
 
 @dataclass
 class AssemblyResult:
@@ -165,10 +155,10 @@ def assemble(
     parsed: ParsedBatch,
     rewards: Sequence[float],
     *,
-    prompt_ids: IndexedIds,
     texts: IndexedStr,
-    encode: Callable[[str], list[int]],
-    eos_id: int,
+    prompt_ids: IndexedIds | None = None,
+    encode: Callable[[str], list[int]] | None = None,
+    eos_id: int | None = None,
     construction: Literal["micro", "full"] = "micro",
     prefix: Literal["regenerate", "splice"] = "regenerate",
     keep_failed: bool = True,
@@ -185,6 +175,7 @@ def assemble(
     is ``encode(reconstruction) + [eos_id]``; with ``construction="micro"`` and
     ``prefix="splice"`` it is the spliced ids + EOS instead, which needs ``response_ids``
     (y⁻'s rollout token ids) and ``decode``. ``construction="full"`` never splices.
+    Without ``encode`` the samples are texts only (no ids; the cold-start builder's rows).
     ``selection`` and ``requests`` only feed the stats.
     """
     if construction not in ("micro", "full"):
@@ -194,8 +185,10 @@ def assemble(
     if len(rewards) != len(parsed.items):
         raise ValueError(f"got {len(rewards)} rewards for {len(parsed.items)} parsed constructions")
     do_splice = construction == "micro" and prefix == "splice"
-    if do_splice and (response_ids is None or decode is None):
-        raise ValueError("prefix='splice' needs response_ids and decode")
+    if do_splice and (response_ids is None or decode is None or encode is None):
+        raise ValueError("prefix='splice' needs response_ids, decode and encode")
+    if encode is not None and (prompt_ids is None or eos_id is None):
+        raise ValueError("token ids need prompt_ids and eos_id")
 
     stats = ConstructionStats(n_requests=parsed.n_outputs, n_parsed=parsed.n_parsed)
     if selection is not None:
@@ -218,18 +211,19 @@ def assemble(
         if reward <= 0 and not keep_failed:
             stats.n_dropped_failed += 1
             continue
-        kept = 0
-        if do_splice:
+        kept, ids, question_ids = 0, [], []
+        if encode is not None and do_splice:
             y_ids = list(response_ids[pair.neg])
             spliced = splice_prefix(item.reconstruction, y_ids,
                                     incremental_token_texts(y_ids, decode), encode,
                                     markers=markers)
-            ids, kept = spliced.response_ids, spliced.n_kept
-        else:
-            ids = list(encode(item.reconstruction))
-        ids.append(int(eos_id))
+            ids, kept = spliced.response_ids + [int(eos_id)], spliced.n_kept
+        elif encode is not None:
+            ids = list(encode(item.reconstruction)) + [int(eos_id)]
+        if encode is not None:
+            question_ids = list(prompt_ids[pair.group])
         samples.append(ConstructedSample(
-            group=pair.group, prompt_ids=list(prompt_ids[pair.group]), response_ids=ids,
+            group=pair.group, prompt_ids=question_ids, response_ids=ids,
             reward=reward, pair=pair, analysis=item.analysis,
             reconstruction=item.reconstruction, prefix_fidelity=fidelity, spliced_tokens=kept))
         stats.n_tokens += len(ids)

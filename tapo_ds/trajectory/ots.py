@@ -2,22 +2,18 @@
 
     s_t = log p(y_t | x, y_<t) + H[p(. | x, y_<t)],   w_t = clamp(exp(s_t), w_min, w_max)
 
-from the pre-update policy (the forward pass that yields the old log-probs), entropy over
-the full vocabulary, detached: the weight is a constant in the loss. Original samples,
-and every sample when OTS is off, get w_t = 1.
+from the pre-update policy, entropy over the full vocabulary, detached: the weight is a constant in
+the loss. Original samples get w_t = 1. :class:`OTS` is the whole of it for a step: from the
+constructed samples' log-probs and entropies to every sample's weights and their metric.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 from torch import Tensor
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) over the last (vocabulary) dimension, in at least float32."""
-    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    logp = torch.log_softmax(z, dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -38,39 +34,35 @@ def ots_weights(logp: Tensor, entropy: Tensor, mask: Tensor, *,
     return torch.where(mask.bool(), w, torch.zeros((), dtype=dtype, device=w.device))
 
 
-@torch.no_grad()
-def ots_token_weights(logp: Tensor, entropy: Tensor, mask: Tensor, constructed: Tensor, *,
-                      enabled: bool = True, w_min: float = 0.01, w_max: float = 10.0) -> Tensor:
-    """Per-token loss weights for a mixed batch: OTS rows where ``constructed[b]``, 1 elsewhere.
+@dataclass
+class SampleWeights:
+    weights: list[Tensor] | None  # per sample, over its response tokens; None: no constructed sample here
+    total: float  # sum of the constructed tokens' weights
+    tokens: int  # constructed tokens
 
-    Rows of original samples are all ones (the loss applies its own mask); with
-    ``enabled=False`` (``ots: false``) the whole tensor is ones.
-    """
-    dtype = _compute_dtype(logp)
-    ones = torch.ones(logp.shape, dtype=dtype, device=logp.device)
-    if not enabled:
-        return ones
-    constructed = constructed.to(device=logp.device, dtype=torch.bool)
-    if constructed.shape != logp.shape[:1]:
-        raise ValueError(f"constructed has shape {tuple(constructed.shape)}, expected "
-                         f"({logp.shape[0]},)")
-    if not bool(constructed.any()):
-        return ones
-    w = ots_weights(logp, entropy, mask, w_min=w_min, w_max=w_max)
-    return torch.where(constructed[:, None], w, ones)
+    def add_to(self, metrics) -> None:
+        """``tapo/ots_weight_mean`` into a :class:`tapo_ds.metrics.StepMetrics` (left out without
+        constructed tokens)."""
+        metrics.mean("tapo/ots_weight_mean", self.total, self.tokens, if_empty=None)
 
 
-@torch.no_grad()
-def ots_weight_sums(weights: Tensor, mask: Tensor, constructed: Tensor) -> tuple[float, int]:
-    """Sum of the weights over the valid tokens of constructed rows, and their count.
+@dataclass(frozen=True)
+class OTS:
+    w_min: float = 0.01
+    w_max: float = 10.0
 
-    Sums (not a mean) so that micro-batches and ranks can be combined exactly.
-    """
-    sel = mask.bool() & constructed.to(device=mask.device, dtype=torch.bool)[:, None]
-    return float(weights[sel].double().sum()), int(sel.sum())
-
-
-def ots_metrics(weights: Tensor, mask: Tensor, constructed: Tensor) -> dict[str, float]:
-    """``{"tapo/ots_weight_mean": ...}`` over constructed valid tokens; ``{}`` when there are none."""
-    total, count = ots_weight_sums(weights, mask, constructed)
-    return {"tapo/ots_weight_mean": total / count} if count else {}
+    def __call__(self, samples: Sequence, logp: Sequence[Tensor | None],
+                 entropy: Sequence[Tensor | None]) -> SampleWeights:
+        """Weights of ``samples`` (each with ``constructed`` and ``response_ids``). ``logp[i]`` and
+        ``entropy[i]``: the response tokens of constructed sample i under the pre-update policy (any
+        value for the others)."""
+        out, total, tokens = [], 0.0, 0
+        for s, lp, ent in zip(samples, logp, entropy):
+            if not s.constructed:
+                out.append(torch.ones(len(s.response_ids)))
+                continue
+            w = ots_weights(lp[None], ent[None], torch.ones_like(lp)[None], w_min=self.w_min, w_max=self.w_max)[0]
+            total += float(w.double().sum())
+            tokens += w.numel()
+            out.append(w)
+        return SampleWeights(out if tokens else None, total, tokens)

@@ -73,6 +73,11 @@ def _analysis(text: str) -> str:
     return text[start.end():end].strip()
 
 
+def format_construction(analysis: str, reconstruction: str) -> str:
+    """The output format the parser reads, with nothing around the tags."""
+    return f"<analysis>{analysis}</analysis><reconstruction>{reconstruction}</reconstruction>"
+
+
 def parse_construction(text: str) -> ParsedConstruction | None:
     found = _reconstruction(text)
     if found is None:

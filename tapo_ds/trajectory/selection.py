@@ -37,12 +37,6 @@ class SelectionResult:
     n_candidates: int
     candidate_groups: list[int] = field(default_factory=list)
 
-    def metrics(self) -> dict[str, float]:
-        out = {"tapo/pairs": float(len(self.pairs))}
-        if self.n_groups:
-            out["tapo/selected_frac"] = self.n_candidates / self.n_groups
-        return out
-
 
 def select_pairs(
     rewards: Sequence[float],

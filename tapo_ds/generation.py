@@ -1,0 +1,64 @@
+"""Prompts in, responses out: the one way the package calls a rollout engine.
+
+Every caller (the RL rollout, TAPO's constructions, evaluation, the prefilter, the cold-start
+builder, the constructor probe) left-pads token-id prompts, generates K samples per prompt and reads
+back unpadded ids and decoded texts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from deepspeed.runtime.rollout.base import RolloutRequest, SamplingConfig
+
+from tapo_ds.batch import left_pad
+from tapo_ds.data import encode, render_chat
+
+
+@dataclass
+class Generated:
+    """Row ``i`` answers prompt ``prompt_index[i]``; the K rows of a prompt are consecutive."""
+
+    token_ids: list[list[int]] = field(default_factory=list)  # the stop token included when one was sampled
+    texts: list[str] = field(default_factory=list)  # decoded without special tokens
+    truncated: list[bool] = field(default_factory=list)  # no stop token within max_new_tokens
+    prompt_index: list[int] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.token_ids]
+
+    def by_prompt(self, n_prompts: int) -> list[list[int]]:
+        """The rows of each prompt, in order."""
+        rows: list[list[int]] = [[] for _ in range(n_prompts)]
+        for row, q in enumerate(self.prompt_index):
+            rows[q].append(row)
+        return rows
+
+
+def generate(rollout, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+             device=None) -> Generated:
+    """One ``rollout.generate`` call over ``prompts`` (token ids without padding); none when there are none."""
+    if not prompts:
+        return Generated()
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    res = rollout.generate(RolloutRequest(ids, mask), sampling)
+    token_ids = [res.response_ids[i, :n].tolist() for i, n in enumerate(res.response_lengths.tolist())]
+    return Generated(token_ids=token_ids,
+                     texts=[tokenizer.decode(t, skip_special_tokens=True) for t in token_ids],
+                     truncated=[bool(t) for t in res.truncated.tolist()],
+                     prompt_index=[int(q) for q in res.prompt_index.tolist()])
+
+
+def chat_texts(rollout, tokenizer, contents: Sequence[str], sampling: SamplingConfig, chat_template_kwargs: dict,
+               device=None, batch: int = 64) -> list[str]:
+    """One text per user-message content (rendered with the chat template), ``batch`` prompts per call."""
+    texts: list[str] = []
+    for start in range(0, len(contents), batch):
+        prompts = [encode(tokenizer, render_chat(tokenizer, c, chat_template_kwargs))
+                   for c in contents[start:start + batch]]
+        texts += generate(rollout, tokenizer, prompts, sampling, device).texts
+    return texts
