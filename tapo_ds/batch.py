@@ -21,6 +21,7 @@ class Sample:
     question: int = -1  # index into the step's questions on this rank
     constructed: bool = False
     advantage: float = 0.0
+    in_loss: bool = True  # False: no token of it enters the loss (DAPO's masked truncation)
 
     @property
     def length(self) -> int:
@@ -54,7 +55,8 @@ def collate(samples: Sequence[Sample], index: Sequence[int], pad_id: int,
         ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         attn[i, :len(seq)] = 1
         # label position t predicts token t+1: response tokens sit at labels [P-1, P+R-1)
-        resp[i, len(s.prompt_ids) - 1:len(seq) - 1] = 1.0
+        if s.in_loss:
+            resp[i, len(s.prompt_ids) - 1:len(seq) - 1] = 1.0
     return MicroBatch(
         input_ids=ids.to(device), attention_mask=attn.to(device), labels=ids[:, 1:].to(device),
         response_mask=resp.to(device),

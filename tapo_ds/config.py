@@ -48,6 +48,7 @@ class DataConfig:
     split: str = "train"
     problem_field: str = "problem"
     answer_field: str = "answer"
+    solution_field: str = _f("", doc="a reference solution per row, for OPSD's teacher (empty = rows have none)")
     prompt_template: str = (
         "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
     )
@@ -65,11 +66,17 @@ class RolloutConfig:
     top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
     top_k: int = -1
     gather: Literal["once", "per_step"] = "once"
+    engine: Literal["tapo", "hybrid_engine"] = _f(
+        "tapo", doc="tapo: the project's decode loop (rows leave as they end); hybrid_engine: DeepSpeed's "
+                    "HybridEngineRollout (its inference kernels on CUDA for the model types that have them)")
+    dynamic_sampling: bool = _f(False, doc="DAPO: drop groups with equal rewards, sample more questions until "
+                                           "the step has B informative groups")
+    dynamic_sampling_max_rounds: int = _f(3, lo=1, doc="extra rollout calls a step may make to fill its groups")
 
 
 @dataclass
 class AlgorithmConfig:
-    name: Literal["grpo", "tapo"] = "grpo"
+    name: Literal["grpo", "tapo", "opsd"] = "grpo"
     policy_loss: str = "ppo_clip"
     clip_low: float = _f(0.2, lo=0.0, hi=1.0)
     clip_high: float = _f(0.2, lo=0.0)
@@ -81,6 +88,7 @@ class AlgorithmConfig:
     ppo_epochs: int = _f(1, lo=1)
     mini_batches: int = _f(1, lo=1, doc="optimizer steps per rollout per epoch")
     micro_batch_size: int = _f(8, lo=1, doc="sequences per forward/backward per rank")
+    mask_truncated: bool = _f(False, doc="DAPO: responses cut at rollout.max_new_tokens get no loss")
 
 
 @dataclass
@@ -114,6 +122,21 @@ class TapoConfig:
 
 
 @dataclass
+class OpsdConfig:
+    """On-policy self-distillation: the teacher is the model given the question and a correct solution."""
+    privileged: Literal["solution", "group"] = _f(
+        "solution", doc="solution: the row's reference (data.solution_field), else a right answer of the group; "
+                        "group: a right answer of the group")
+    teacher: Literal["live", "frozen"] = _f("live", doc="live: the current weights; frozen: the initial ones")
+    template: str = _f("", doc="teacher prompt file with {problem} and {solution}; empty = built-in")
+    beta: float = _f(0.5, lo=0.0, hi=1.0, doc="generalized JSD: 0 = KL(teacher || student), 1 = KL(student || teacher)")
+    temperature: float = _f(1.0, lo=0.0, lo_open=True)
+    teacher_top_k: int = _f(0, lo=0, doc="restrict both distributions to the teacher's top k (0 = full vocabulary)")
+    pointwise_clip: float = _f(0.0, lo=0.0, doc="cap on each vocabulary entry's contribution (0 = none)")
+    chunk_tokens: int = _f(512, lo=1, doc="response positions per divergence chunk (bounds peak memory)")
+
+
+@dataclass
 class EvaluationConfig:
     """In-training evaluation on held-out problems (the protocol of docs/method.md §Evaluation by default)."""
     every: int = _f(0, lo=0, doc="steps between evaluations (0 = off)")
@@ -133,6 +156,9 @@ class RewardConfig:
     num_workers: int = _f(2, lo=1)
     timeout: float = _f(5.0, lo=0.0, lo_open=True)
     memory_mb: int = _f(2048, lo=0, doc="address space a grading worker may add (0 = no cap)")
+    overlong_window: int = _f(0, lo=0, doc="DAPO: soft overlong punishment over the last N tokens before "
+                                           "rollout.max_new_tokens (0 = off)")
+    overlong_penalty: float = _f(1.0, lo=0.0, doc="the reward lost at rollout.max_new_tokens")
 
 
 @dataclass
@@ -151,7 +177,6 @@ class OptimizerConfig:
 @dataclass
 class DeepSpeedConfig:
     config: str = "ds_configs/zero3_cpu.json"
-    hybrid_engine: bool = True
 
 
 @dataclass
@@ -223,6 +248,7 @@ class Config:
     rollout: RolloutConfig = _f(factory=RolloutConfig)
     algorithm: AlgorithmConfig = _f(factory=AlgorithmConfig)
     tapo: TapoConfig = _f(factory=TapoConfig)
+    opsd: OpsdConfig = _f(factory=OpsdConfig)
     reward: RewardConfig = _f(factory=RewardConfig)
     evaluation: EvaluationConfig = _f(factory=EvaluationConfig)
     optimizer: OptimizerConfig = _f(factory=OptimizerConfig)

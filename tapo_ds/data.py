@@ -18,10 +18,11 @@ class Example:
     problem: str
     answer: str
     source: str  # "file:line" or "dataset[index]", for error messages and logs
+    solution: str | None = None  # a reference solution (data.solution_field), for OPSD's teacher
 
 
 def load_examples(sources: Sequence[str], problem_field: str, answer_field: str,
-                  split: str = "train", limit: int = 0) -> list[Example]:
+                  split: str = "train", limit: int = 0, solution_field: str = "") -> list[Example]:
     """Read jsonl/parquet files or hub datasets; every row must have a problem and an answer."""
     out: list[Example] = []
     for src in sources:
@@ -35,7 +36,7 @@ def load_examples(sources: Sequence[str], problem_field: str, answer_field: str,
         else:
             rows = _hub_rows(src, split)
         for where, row in rows:
-            out.append(_to_example(row, where, problem_field, answer_field))
+            out.append(_to_example(row, where, problem_field, answer_field, solution_field))
             if limit and len(out) >= limit:
                 return out
     if not out:
@@ -92,7 +93,7 @@ def _hub_rows(name: str, split: str):
         yield f"{name}[{split}][{index}]", row
 
 
-def _to_example(row, where: str, problem_field: str, answer_field: str) -> Example:
+def _to_example(row, where: str, problem_field: str, answer_field: str, solution_field: str = "") -> Example:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object, got {type(row).__name__}")
     values = []
@@ -103,7 +104,13 @@ def _to_example(row, where: str, problem_field: str, answer_field: str) -> Examp
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{where}: missing or empty field {fname!r} (row keys: {sorted(row)})")
         values.append(value)
-    return Example(problem=values[0], answer=values[1].strip(), source=where)
+    solution = None
+    if solution_field:
+        solution = row.get(solution_field)
+        if solution is not None and not isinstance(solution, str):
+            raise DataError(f"{where}: field {solution_field!r} must be a string, got {type(solution).__name__}")
+        solution = solution or None  # an empty reference: fall back to the group's right answers
+    return Example(problem=values[0], answer=values[1].strip(), source=where, solution=solution)
 
 
 def render_prompt(tokenizer, problem: str, template: str, chat_template_kwargs: dict) -> str:

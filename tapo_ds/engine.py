@@ -128,7 +128,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict, *, lr: float, betas, e
     want_hybrid = ds_config.get("hybrid_engine", {}).get("enabled", False)
     hybrid, reason = hybrid_engine_support(model_type, on_cuda) if want_hybrid else (False, "disabled in config")
     if want_hybrid and not hybrid and int(os.environ.get("RANK", "0")) == 0:
-        log.warning("hybrid engine off: %s; rollouts use tapo-ds's own decode loop", reason)
+        log.warning("hybrid engine off: %s; rollout.engine hybrid_engine generates with HF generate on the "
+                    "engine's module", reason)
     ds_config = dict(ds_config, hybrid_engine=dict(ds_config.get("hybrid_engine", {}), enabled=hybrid))
 
     params = [p for p in model.parameters() if p.requires_grad]

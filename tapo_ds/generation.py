@@ -46,11 +46,28 @@ def generate(rollout, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sam
     if device is not None:
         ids, mask = ids.to(device), mask.to(device)
     res = rollout.generate(RolloutRequest(ids, mask), sampling)
-    token_ids = [res.response_ids[i, :n].tolist() for i, n in enumerate(res.response_lengths.tolist())]
+    if hasattr(res, "response_lengths"):  # tapo-ds's RolloutResult
+        token_ids = [res.response_ids[i, :n].tolist() for i, n in enumerate(res.response_lengths.tolist())]
+        truncated = [bool(t) for t in res.truncated.tolist()]
+        prompt_index = [int(q) for q in res.prompt_index.tolist()]
+    else:  # DeepSpeed's plain RolloutBatch (HybridEngineRollout)
+        token_ids, truncated, prompt_index = _from_rollout_batch(res, tokenizer.eos_token_id,
+                                                                 sampling.n_samples_per_prompt)
     return Generated(token_ids=token_ids,
                      texts=[tokenizer.decode(t, skip_special_tokens=True) for t in token_ids],
-                     truncated=[bool(t) for t in res.truncated.tolist()],
-                     prompt_index=[int(q) for q in res.prompt_index.tolist()])
+                     truncated=truncated, prompt_index=prompt_index)
+
+
+def _from_rollout_batch(res, eos_token_id: int, k: int) -> tuple[list[list[int]], list[bool], list[int]]:
+    """Responses of a ``RolloutBatch``: the attended tokens from ``response_start_idx`` on (through the
+    first EOS); truncated when no EOS was sampled; rows ``repeat_interleave`` the prompts K times."""
+    token_ids, truncated = [], []
+    for row in range(res.batch_size):
+        start = int(res.response_start_idx[row])
+        ids = res.input_ids[row, start:][res.attention_mask[row, start:].bool()].tolist()
+        token_ids.append(ids)
+        truncated.append(eos_token_id not in ids)
+    return token_ids, truncated, [row // k for row in range(res.batch_size)]
 
 
 def chat_texts(rollout, tokenizer, contents: Sequence[str], sampling: SamplingConfig, chat_template_kwargs: dict,

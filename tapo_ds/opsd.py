@@ -20,6 +20,7 @@ user turn, the same ``chat_template_kwargs``); only the user content differs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -27,7 +28,12 @@ from deepspeed.runtime.rollout.opsd import generalized_jsd_loss
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .algorithms import GlobalCounts, local_counts, token_coefficients
+from .batch import Sample, collate, dummy_batch
 from .data import encode, render_chat
+from .engine import all_reduce_
+from .metrics import StepMetrics
+from .update import grad_norm, micro_batches
 
 DEFAULT_TEACHER_TEMPLATE = (
     "{problem}\n\nA correct solution, for reference:\n{solution}\n\n"
@@ -128,3 +134,130 @@ def chunked_generalized_jsd(student_hidden: Tensor, teacher_hidden: Tensor, mask
             part, j, k = piece(h, t_logits, m, w)
         loss, jsd_sum, kl_sum = loss + part, jsd_sum + j, kl_sum + k
     return ChunkedJSD(loss=loss, jsd_sum=jsd_sum, teacher_student_kl_sum=kl_sum, tokens=mask.sum())
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+@dataclass(frozen=True)
+class OpsdSettings:
+    privileged: str  # solution | group
+    template: str  # the teacher's user turn, with {problem} and {solution}
+    chat_template_kwargs: dict
+    beta: float
+    temperature: float
+    teacher_top_k: Optional[int]
+    pointwise_clip: Optional[float]
+    chunk_tokens: int
+    agg_mode: str
+
+
+def load_teacher_template(path: str) -> str:
+    """The file's text, or the built-in template for an empty path."""
+    if not path:
+        return DEFAULT_TEACHER_TEMPLATE
+    return Path(path).read_text(encoding="utf-8")
+
+
+class Teacher:
+    """OPSD's teacher prompts for a step's samples and its optimizer step.
+
+    ``frozen``: a frozen copy of the initial policy (a DeepSpeed inference engine) scores the
+    responses; None: the live policy does, under no_grad."""
+
+    def __init__(self, settings: OpsdSettings, tokenizer, frozen=None):
+        self.s, self.tok, self.frozen = settings, tokenizer, frozen
+
+    def prompts(self, samples: Sequence, problems: Sequence[str], references: Sequence[Optional[str]],
+                texts: Sequence[str]) -> tuple[list[Optional[list[int]]], StepMetrics]:
+        """Teacher prompt ids per sample (None: no privileged information for it this step).
+
+        ``problems``/``references``: per question of the step; ``samples[i].question`` indexes them;
+        ``texts``: the decoded responses, aligned with ``samples``."""
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(samples):
+            groups.setdefault(s.group_id, []).append(i)
+        out: list[Optional[list[int]]] = []
+        source = {"solution": 0, "group": 0, "none": 0}
+        for i, s in enumerate(samples):
+            members = groups[s.group_id]
+            solution, where = pick_privileged(self.s.privileged, references[s.question],
+                                              [texts[j] for j in members], [samples[j].reward for j in members],
+                                              members.index(i))
+            source[where] += 1
+            out.append(None if solution is None else teacher_prompt_ids(
+                self.tok, self.s.template, problems[s.question], solution, self.s.chat_template_kwargs))
+        m = StepMetrics()
+        m.mean("opsd/privileged_frac", len(samples) - source["none"], len(samples))
+        m.mean("opsd/reference_frac", source["solution"], len(samples))
+        return out, m
+
+    def update(self, engine, samples: Sequence, teacher_prompts: Sequence[Optional[list[int]]], *,
+               micro_batch_size: int, pad_id: int, world_size: int) -> StepMetrics:
+        """One optimizer step on the divergence over the samples that have a teacher prompt."""
+        device = engine.device
+        chosen = [i for i, p in enumerate(teacher_prompts) if p is not None]
+        mbs = micro_batches(samples, chosen, micro_batch_size, pad_id, device)
+        counts = sum((local_counts(mb.response_mask, mb.part) for mb in mbs), GlobalCounts.zeros(device=device))
+        counts = GlobalCounts.from_tensor(all_reduce_(counts.as_tensor(), "sum"))
+        scale = torch.ones(2, dtype=torch.float32, device=device)
+        teacher = engine if self.frozen is None else self.frozen
+        student_head = engine.module.get_output_embeddings()
+        teacher_head = teacher.module.get_output_embeddings()
+        options = dict(beta=self.s.beta, temperature=self.s.temperature, teacher_top_k=self.s.teacher_top_k,
+                       pointwise_clip=self.s.pointwise_clip, chunk=self.s.chunk_tokens)
+        loss_sum = jsd_sum = kl_sum = 0.0
+        for mb in mbs:
+            if mb.index:
+                t_mb = collate([Sample(prompt_ids=teacher_prompts[i], response_ids=samples[i].response_ids,
+                                       group_id="", reward=0.0) for i in mb.index], mb.index, pad_id, device)
+            else:
+                t_mb = dummy_batch(pad_id, device)
+            s_hidden = final_hidden(engine, mb)
+            with torch.no_grad():
+                t_hidden = final_hidden(teacher, t_mb)
+            s_al, mask = aligned(s_hidden[:, :-1], mb.response_mask)
+            t_al, t_mask = aligned(t_hidden[:, :-1], t_mb.response_mask)
+            if mb.index and not torch.equal(mask, t_mask):
+                raise RuntimeError("teacher and student response tokens do not line up")
+            coef = token_coefficients(mb.response_mask, mb.part, scale, counts, self.s.agg_mode, "pooled")
+            seq_w = coef.max(dim=1).values
+            out = chunked_generalized_jsd(s_al, t_al, mask, student_head, teacher_head, seq_w, **options)
+            # Every rank runs the output projection in its graph, also on an empty micro-batch: ZeRO-3's
+            # gradient hooks must fire for the same parameters on all ranks.
+            loss = out.loss + 0.0 * student_head(s_hidden[:, :1]).sum()
+            engine.backward(loss * world_size, scale_wrt_gas=False)
+            loss_sum += float(out.loss.detach())
+            jsd_sum += float(out.jsd_sum)
+            kl_sum += float(out.teacher_student_kl_sum)
+        engine.step()
+        tokens = float(counts.tokens.sum())
+        m = StepMetrics()
+        m.sum("actor/pg_loss", loss_sum)
+        m.mean("opsd/jsd", jsd_sum, tokens)
+        m.mean("opsd/teacher_student_kl", kl_sum, tokens)
+        m.local("actor/grad_norm", grad_norm(engine))
+        m.local("actor/lr", engine.get_lr()[0])
+        return m
+
+
+def final_hidden(module, mb) -> Tensor:
+    """The last layer's hidden states [n, L, H] (after the final norm): no full-vocabulary logits."""
+    out = module(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False,
+                 output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def aligned(hidden: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows' response positions packed to the left: ``[n, R, H]`` and a ``[n, R]`` mask."""
+    keep = response_mask.bool()
+    lengths = keep.sum(1)
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    out = hidden.new_zeros(hidden.shape[0], width, hidden.shape[-1])
+    mask = torch.zeros(hidden.shape[0], width, dtype=torch.bool, device=hidden.device)
+    for row in range(hidden.shape[0]):
+        n = int(lengths[row])
+        if n:
+            out[row, :n] = hidden[row][keep[row]]
+            mask[row, :n] = True
+    return out, mask

@@ -42,7 +42,9 @@ def _registries() -> dict[str, tuple[Callable[[Config], str], Callable[[], list[
     from tapo_ds.trajectory.backends import backend_names
 
     return {
-        "algorithm.name": (lambda c: c.algorithm.name, alg.advantage_estimator_names, "advantage estimator"),
+        # an algorithm is an advantage estimator, or OPSD (a divergence to a teacher, no advantages)
+        "algorithm.name": (lambda c: c.algorithm.name, lambda: [*alg.advantage_estimator_names(), "opsd"],
+                           "algorithm"),
         "algorithm.policy_loss": (lambda c: c.algorithm.policy_loss, alg.policy_loss_names, "policy loss"),
         "algorithm.loss_agg": (lambda c: c.algorithm.loss_agg, alg.aggregation_names, "loss aggregation"),
         "algorithm.kl_estimator": (lambda c: c.algorithm.kl_estimator, alg.kl_estimator_names, "KL estimator"),
@@ -80,6 +82,13 @@ def check_files(cfg: Config) -> None:
             check_data_source(f"evaluation.files.{name}", src)
     if cfg.tapo.template:
         check_template("tapo.template", cfg.tapo.template)
+    if cfg.algorithm.name == "opsd" and cfg.opsd.template:
+        check_local_file("opsd.template", cfg.opsd.template)
+        text = Path(cfg.opsd.template).read_text(encoding="utf-8")
+        missing = [p for p in ("{problem}", "{solution}") if p not in text]
+        if missing:
+            raise ConfigError(f"opsd.template: {cfg.opsd.template}: teacher template is missing "
+                              f"placeholder(s) {', '.join(missing)}")
     check_deepspeed_json("deepspeed.config", cfg.deepspeed.config)
     check_model_path("model.path", cfg.model.path)
     if cfg.stage == "coldstart" and cfg.coldstart.constructor == "model" and cfg.coldstart.constructor_path:

@@ -79,7 +79,7 @@ def setup_engine(cfg: Config, world: int, micro_batch_size: int, total_steps: in
     run's): ``(engine, info, tokenizer, ds_config)``."""
     ds_config = eng.load_ds_config(cfg.deepspeed.config, micro_batch_size=micro_batch_size,
                                    world_size=world, grad_clip=cfg.optimizer.grad_clip,
-                                   hybrid_engine=cfg.deepspeed.hybrid_engine, dtype=cfg.model.dtype)
+                                   hybrid_engine=cfg.rollout.engine == "hybrid_engine", dtype=cfg.model.dtype)
     model, tokenizer = build_model(cfg, ds_config)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -106,11 +106,26 @@ def build_reference(cfg: Config):
     return inference_engine(cfg, micro_batch_size=cfg.algorithm.micro_batch_size)[0]
 
 
-def make_rollout(cfg: Config, engine, tokenizer):
-    """The rollout engine over ``engine`` (tests swap in a scripted policy here)."""
+def _tapo_rollout(cfg: Config, engine, tokenizer):
     config = engine.module.config
     return TapoRollout(engine, tokenizer, modeling.stop_token_ids(tokenizer, config), tokenizer.pad_token_id,
                        seed=cfg.seed, gather=cfg.rollout.gather, module_factory=modeling.model_factory(config))
+
+
+def _hybrid_engine_rollout(cfg: Config, engine, tokenizer):
+    # DeepSpeed's own rollout: HF generate on the engine's module (its inference kernels where the hybrid
+    # engine has them), every row decoded to the longest one; sampling draws from torch's global generator.
+    from deepspeed.runtime.rollout import HybridEngineRollout
+
+    return HybridEngineRollout(engine, tokenizer)
+
+
+ROLLOUT_ENGINES = {"tapo": _tapo_rollout, "hybrid_engine": _hybrid_engine_rollout}
+
+
+def make_rollout(cfg: Config, engine, tokenizer):
+    """The rollout engine ``rollout.engine`` names, over ``engine`` (tests swap in a scripted policy here)."""
+    return ROLLOUT_ENGINES[cfg.rollout.engine](cfg, engine, tokenizer)
 
 
 def prepare_run_dir(cfg: Config, rank: int) -> Path:

@@ -39,7 +39,7 @@ def run_rl(cfg: Config, resume_arg: str | None) -> dict:
     where = resume_target(resume_arg, cfg.run_dir)
     d = cfg.data
     # Rows are validated before the model loads: a bad line fails in seconds, not after minutes.
-    examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
+    examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit, d.solution_field)
     monitor = MonitorSpec(cfg.total_steps, cfg.name, append=resume_arg is not None)
     with open_runtime(cfg, train=True, rollout=True, grader=True, monitor=monitor) as rt:
         train, too_long = prepare(examples, rt.tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
@@ -74,7 +74,10 @@ def make_rl_trainer(cfg: Config, *, engine, info, tokenizer, rollout, grader, mo
                           kl_coef=a.kl_coef, kl_estimator=a.kl_estimator),
         ppo_epochs=a.ppo_epochs, mini_batches=a.mini_batches, micro_batch_size=a.micro_batch_size,
         text_every=cfg.logging.text_every, text_samples=cfg.logging.text_samples, seed=cfg.seed,
-        ots=OTS(t.ots_w_min, t.ots_w_max) if a.name == "tapo" and t.ots else None)
+        ots=OTS(t.ots_w_min, t.ots_w_max) if a.name == "tapo" and t.ots else None,
+        overlong_window=cfg.reward.overlong_window, overlong_penalty=cfg.reward.overlong_penalty,
+        mask_truncated=a.mask_truncated, dynamic_sampling=r.dynamic_sampling,
+        dynamic_sampling_max_rounds=r.dynamic_sampling_max_rounds)
     constructor = None
     if a.name == "tapo":
         from tapo_ds.construct import Constructor
@@ -82,9 +85,20 @@ def make_rl_trainer(cfg: Config, *, engine, info, tokenizer, rollout, grader, mo
         constructor = Constructor.from_config(cfg, tokenizer=tokenizer, rollout=rollout, grader=grader, info=info,
                                               monitor=monitor)
     ref_engine = build_reference(cfg) if (a.kl_coef > 0 or a.log_kl_to_init) else None
+    teacher = None
+    if a.name == "opsd":
+        from tapo_ds.opsd import OpsdSettings, Teacher, load_teacher_template
+
+        o = cfg.opsd
+        teacher = Teacher(OpsdSettings(privileged=o.privileged, template=load_teacher_template(o.template),
+                                       chat_template_kwargs=cfg.model.chat_template_kwargs, beta=o.beta,
+                                       temperature=o.temperature, teacher_top_k=o.teacher_top_k or None,
+                                       pointwise_clip=o.pointwise_clip or None, chunk_tokens=o.chunk_tokens,
+                                       agg_mode=a.loss_agg),
+                          tokenizer, frozen=build_reference(cfg) if o.teacher == "frozen" else None)
     return RLTrainer(settings=settings, engine=engine, info=info, tokenizer=tokenizer, rollout=rollout,
                      grader=grader, monitor=monitor, train_data=train, sampler=sampler,
-                     constructor=constructor, ref_engine=ref_engine)
+                     constructor=constructor, ref_engine=ref_engine, teacher=teacher)
 
 
 def evaluates(cfg: Config) -> bool:

@@ -2,7 +2,9 @@
 
 Each phase is timed and returns its outputs plus its rank's :class:`~tapo_ds.metrics.StepMetrics`,
 reduced over ranks once at the end of the step. ``construct`` is TAPO's phase; with
-``algorithm.name: grpo`` it is skipped and the rest of the code path is the same.
+``algorithm.name: grpo`` it is skipped and the rest of the code path is the same. OPSD
+(``algorithm.name: opsd``) has a teacher instead: its update is the divergence to the teacher, and
+the advantages phase is skipped. DAPO's dynamic sampling adds a ``fill`` phase after the reward.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from deepspeed.runtime.rollout.base import SamplingConfig
 
 from tapo_ds.algorithms import AdvantageParams, get_advantage_estimator
+from tapo_ds.algorithms.dapo import informative, overlong_penalty
 from tapo_ds.batch import Sample, split_mini_batches
 from tapo_ds.data import PromptedExample, shard
 from tapo_ds.engine import all_reduce_
@@ -35,13 +38,34 @@ def timed(name: str, metrics: StepMetrics):
     metrics.local(f"timing/{name}", time.perf_counter() - start)
 
 
+GRADE_COUNTS = ("correct", "timeouts", "errors", "no_box", "refused")
+
+
 @dataclass
 class RolloutOut:
     questions: list[PromptedExample]
     samples: list[Sample]  # one per response, group_id = question uid
     texts: list[str]
     truncated: list[bool]
-    metrics: StepMetrics = field(default_factory=StepMetrics)
+    graded: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GRADE_COUNTS, 0))
+
+    def extend(self, more: "RolloutOut") -> None:
+        """Append another draw of the same step (its question indices shift past this one's)."""
+        shift = len(self.questions)
+        for s in more.samples:
+            s.question += shift
+        self.questions += more.questions
+        self.samples += more.samples
+        self.texts += more.texts
+        self.truncated += more.truncated
+        for k in GRADE_COUNTS:
+            self.graded[k] += more.graded[k]
+
+    def keep_groups(self, group_ids: set[str]) -> "RolloutOut":
+        """The samples of ``group_ids`` (same questions list, so the indices stay valid)."""
+        rows = [i for i, s in enumerate(self.samples) if s.group_id in group_ids]
+        return RolloutOut(self.questions, [self.samples[i] for i in rows], [self.texts[i] for i in rows],
+                          [self.truncated[i] for i in rows], dict(self.graded))
 
 
 @dataclass
@@ -60,55 +84,101 @@ class RLSettings:
     text_samples: int
     seed: int
     ots: OTS | None = None  # TAPO's token weights of constructed samples; None: every token weighs 1
+    overlong_window: int = 0  # DAPO's soft overlong punishment (0: off)
+    overlong_penalty: float = 1.0
+    mask_truncated: bool = False  # DAPO: truncated responses get no loss
+    dynamic_sampling: bool = False  # DAPO: fill the step with informative groups
+    dynamic_sampling_max_rounds: int = 3
 
 
 class RLTrainer:
     def __init__(self, *, settings: RLSettings, engine, info, tokenizer, rollout, grader, monitor,
                  train_data: Sequence[PromptedExample], sampler, constructor=None, ref_engine=None,
-                 evaluator=None):
+                 evaluator=None, teacher=None):
         self.s = settings
         self.engine, self.info, self.tok = engine, info, tokenizer
         self.rollout, self.grader, self.monitor = rollout, grader, monitor
         self.train_data, self.sampler = train_data, sampler
         self.constructor = constructor  # None for GRPO
+        self.teacher = teacher  # OPSD's (tapo_ds.opsd.Teacher); None otherwise
         self.ref_engine = ref_engine
         self.evaluator = evaluator  # None: no in-training evaluation
         self.pad_id = tokenizer.pad_token_id
-        self.estimator = get_advantage_estimator(settings.advantage)
+        self.estimator = get_advantage_estimator(settings.advantage) if teacher is None else None
 
     # ------------------------------------------------------------------ phases
 
-    def rollout_phase(self, step: int) -> RolloutOut:
+    def rollout_phase(self, step: int, draw: int = 0) -> RolloutOut:
         indices = shard(self.sampler.next_indices(self.s.questions_per_step), self.info.rank, self.info.world_size)
         questions = [self.train_data[i] for i in indices]
-        self.rollout.sync_weights(step)
+        if draw == 0:
+            self.rollout.sync_weights(step)
         out = generate(self.rollout, self.tok, [q.prompt_ids for q in questions], self.s.sampling, self.info.device)
+        suffix = f"d{draw}" if draw else ""
         samples = [Sample(prompt_ids=questions[q].prompt_ids, response_ids=ids,
-                          group_id=f"s{step}r{self.info.rank}q{q}", reward=0.0, question=q)
-                   for ids, q in zip(out.token_ids, out.prompt_index)]
-        m = StepMetrics()
-        m.mean("rollout/response_len_mean", sum(out.lengths), len(out.lengths))
-        m.mean("rollout/truncated_rate", sum(out.truncated), len(out.truncated))
-        m.max("rollout/response_len_max", max(out.lengths))
-        return RolloutOut(questions, samples, out.texts, out.truncated, m)
+                          group_id=f"s{step}r{self.info.rank}q{q}{suffix}", reward=0.0, question=q,
+                          in_loss=not (self.s.mask_truncated and cut))
+                   for ids, q, cut in zip(out.token_ids, out.prompt_index, out.truncated)]
+        return RolloutOut(questions, samples, out.texts, out.truncated)
 
-    def reward_phase(self, out: RolloutOut) -> StepMetrics:
+    def reward_phase(self, out: RolloutOut) -> None:
+        """Grade every response; the reward is correctness plus DAPO's overlong penalty where it is on."""
         answers = [out.questions[s.question].example.answer for s in out.samples]
         graded = self.grader.grade(list(zip(out.texts, answers)), require_box=True)
+        limit = self.s.sampling.max_new_tokens
         for sample, ok in zip(out.samples, graded.correct):
-            sample.reward = float(ok)
+            sample.reward = float(ok) + overlong_penalty(len(sample.response_ids), limit, self.s.overlong_window,
+                                                         self.s.overlong_penalty)
+        out.graded = {"correct": sum(graded.correct), "timeouts": graded.timeouts, "errors": graded.errors,
+                      "no_box": graded.no_box, "refused": graded.refused}
+
+    def fill_phase(self, first: RolloutOut, step: int) -> tuple[RolloutOut, RolloutOut, StepMetrics]:
+        """DAPO's dynamic sampling: ``(kept, drawn, metrics)``. Groups whose rewards are all equal are
+        dropped and more questions drawn until this rank holds its share of B informative groups or the
+        extra draws run out; every rank makes the same number of draws (the decision is global)."""
+        target = self.s.questions_per_step // self.info.world_size
+        drawn, draws = first, 0
+
+        def kept_ids() -> list[str]:
+            groups: dict[str, list[float]] = {}
+            for s in drawn.samples:
+                groups.setdefault(s.group_id, []).append(s.reward)
+            return [g for g, r in groups.items() if informative(r)]
+
+        while draws < self.s.dynamic_sampling_max_rounds:
+            short = torch.tensor([float(max(0, target - len(kept_ids())))], device=self.info.device)
+            if float(all_reduce_(short, "max")) == 0.0:
+                break
+            draws += 1
+            more = self.rollout_phase(step, draw=draws)
+            self.reward_phase(more)
+            drawn.extend(more)
+        kept = kept_ids()[:target]
+        m = StepMetrics()
+        m.local("rollout/dynamic_sampling_draws", draws)
+        m.sum("rollout/drawn_questions", len(drawn.questions))
+        m.sum("rollout/informative_groups", len(kept))
+        return drawn.keep_groups(set(kept)), drawn, m
+
+    @staticmethod
+    def rollout_metrics(out: RolloutOut) -> StepMetrics:
+        """Over every response the step generated (all draws)."""
+        lengths = [len(s.response_ids) for s in out.samples]
         groups: dict[str, list[float]] = {}
         for s in out.samples:
             groups.setdefault(s.group_id, []).append(s.reward)
-        n = len(out.samples)
+        n, g = len(out.samples), out.graded
         m = StepMetrics()
+        m.mean("rollout/response_len_mean", sum(lengths), len(lengths))
+        m.mean("rollout/truncated_rate", sum(out.truncated), len(out.truncated))
+        m.max("rollout/response_len_max", max(lengths, default=0))
         m.mean("rollout/reward_mean", sum(s.reward for s in out.samples), n)
-        m.mean("rollout/acc", sum(graded.correct), n)
+        m.mean("rollout/acc", g["correct"], n)
         m.mean("rollout/zero_std_group_frac", sum(1 for r in groups.values() if max(r) == min(r)), len(groups))
-        m.mean("reward/timeout_rate", graded.timeouts, n)
-        m.mean("reward/error_rate", graded.errors, n)
-        m.mean("reward/no_box_rate", graded.no_box, n)
-        m.mean("reward/refused_rate", graded.refused, n)
+        m.mean("reward/timeout_rate", g["timeouts"], n)
+        m.mean("reward/error_rate", g["errors"], n)
+        m.mean("reward/no_box_rate", g["no_box"], n)
+        m.mean("reward/refused_rate", g["refused"], n)
         return m
 
     def advantage_phase(self, samples: list[Sample]) -> StepMetrics:
@@ -155,27 +225,44 @@ class RLTrainer:
         with timed("rollout", metrics):
             out = self.rollout_phase(step)
         with timed("reward", metrics):
-            metrics.update(self.reward_phase(out))
+            self.reward_phase(out)
+        drawn = out
+        if self.s.dynamic_sampling:
+            with timed("fill", metrics):
+                out, drawn, fmetrics = self.fill_phase(out, step)
+            metrics.update(fmetrics)
+        metrics.update(self.rollout_metrics(drawn))
         samples = list(out.samples)
         if self.constructor is not None:
             with timed("construct", metrics):
                 constructed, cmetrics = self.constructor.construct(out, step)
             samples += constructed
             metrics.update(cmetrics)
-        with timed("advantages", metrics):
-            metrics.update(self.advantage_phase(samples))
-        with timed("update", metrics):
-            metrics.update(self.update_phase(samples, step))
-        metrics.update(out.metrics)
+        if self.teacher is None:
+            with timed("advantages", metrics):
+                metrics.update(self.advantage_phase(samples))
+            with timed("update", metrics):
+                metrics.update(self.update_phase(samples, step))
+        else:
+            with timed("update", metrics):
+                metrics.update(self.distill_phase(out))
         metrics.local("timing/step", time.perf_counter() - start)
-        metrics.throughput("perf/tokens_per_s", sum(len(s.response_ids) for s in out.samples),
+        metrics.throughput("perf/tokens_per_s", sum(len(s.response_ids) for s in drawn.samples),
                            metrics["timing/rollout"])
         if self.s.text_every and step % self.s.text_every == 0:
-            self._log_text(out, step)
+            self._log_text(drawn, step)
         if self.evaluator is not None and self.evaluator.due(step):
             with timed("eval", metrics):
                 metrics.update(self.evaluator.run(step))
         return metrics.reduce(all_reduce_, self.info.device)
+
+    def distill_phase(self, out: RolloutOut) -> StepMetrics:
+        """OPSD: teacher prompts (privileged information per sample), then one optimizer step."""
+        prompts, metrics = self.teacher.prompts(out.samples, [q.example.problem for q in out.questions],
+                                                [q.example.solution for q in out.questions], out.texts)
+        metrics.update(self.teacher.update(self.engine, out.samples, prompts, micro_batch_size=self.s.micro_batch_size,
+                                           pad_id=self.pad_id, world_size=self.info.world_size))
+        return metrics
 
     def _log_text(self, out: RolloutOut, step: int) -> None:
         for i in range(min(self.s.text_samples, len(out.samples))):

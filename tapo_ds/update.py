@@ -57,7 +57,8 @@ def micro_batches(samples: Sequence[Sample], indices: Sequence[int], micro_batch
     chosen = [samples[i] for i in indices]
     plan = plan_micro_batches(chosen, micro_batch_size) if chosen else []
     mbs = [collate([chosen[j] for j in group], [indices[j] for j in group], pad_id, device) for group in plan]
-    target = equal_count_across_ranks(len(mbs), device)
+    # at least one: a step with nothing to train (e.g. no informative group) still runs its collectives
+    target = max(1, equal_count_across_ranks(len(mbs), device))
     mbs += [dummy_batch(pad_id, device) for _ in range(target - len(mbs))]
     return mbs
 
@@ -156,11 +157,11 @@ def optimizer_step(engine, samples: Sequence[Sample], indices: Sequence[int], se
         entropy_sum += float((entropy.detach() * original).sum())
     engine.step()
     return UpdateShares(pg_loss=loss_sum, clip_frac=clipped / tokens, entropy=entropy_sum / original_tokens,
-                        kl=kl_sum / tokens if kl_fn is not None else None, grad_norm=_grad_norm(engine),
+                        kl=kl_sum / tokens if kl_fn is not None else None, grad_norm=grad_norm(engine),
                         lr=engine.get_lr()[0])
 
 
-def _grad_norm(engine) -> float:
+def grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     if norm is None:
         return float("nan")

@@ -25,7 +25,7 @@ BASE = {"data": {"train_files": ["x.jsonl"]}}
     ({"rollout": {"samples_per_question": "8"}}, "rollout.samples_per_question: expected an integer, got '8'"),
     ({"rollout": {"samples_per_question": 0}}, "rollout.samples_per_question: expected a value >= 1, got 0"),
     ({"rollout": {"top_p": 0.0}}, "rollout.top_p: expected a value > 0.0"),
-    ({"algorithm": {"name": "ppo"}}, "algorithm.name: expected one of ['grpo', 'tapo'], got 'ppo'"),
+    ({"algorithm": {"name": "ppo"}}, "algorithm.name: expected one of ['grpo', 'tapo', 'opsd'], got 'ppo'"),
     ({"algorithm": {"clip_low": 1.5}}, "algorithm.clip_low: expected a value <= 1.0, got 1.5"),
     ({"tapo": {"ots": "yes"}}, "tapo.ots: expected true/false, got 'yes'"),
     ({"algorithm": {"name": "tapo"}, "tapo": {"n_pos": 5, "n_neg": 4}}, "tapo.n_pos + tapo.n_neg"),

@@ -65,7 +65,8 @@ def one_step(tmp_path, grader, overrides, n_right):
     cfg = load_config(REPO / "configs" / "tiny.yaml", base + overrides)
     torch.manual_seed(0)
     engine, info, tok, _ = setup_engine(cfg, 1, cfg.algorithm.micro_batch_size)
-    ex = load_examples(cfg.data.train_files, "problem", "answer", limit=cfg.data.limit)
+    ex = load_examples(cfg.data.train_files, "problem", "answer", limit=cfg.data.limit,
+                       solution_field=cfg.data.solution_field)
     train, _ = prepare(ex, tok, cfg.data.prompt_template, {}, 256)
     script = Script(n_right)
     rollout = ScriptedRollout(tok, script, tok.eos_token_id, tok.pad_token_id)
