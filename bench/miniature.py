@@ -88,6 +88,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
         "TAPO (self-construction), equal-reward groups A = r"),
     Arm("oracle_p100_equal_reward", TAPO + ORACLE + ("tapo.oracle_accuracy=1.0", "tapo.equal_reward_groups=reward"),
         3, "beyond", "oracle p = 1.0, equal-reward groups A = r"),
+    Arm("opsd", ("algorithm.name=opsd", "opsd.privileged=solution"), 3, "paper",
+        "OPSD, the paper's other competitor: distillation from the model shown the gold solution"),
     Arm("grpo_more_samples", ("algorithm.name=grpo",), 3, "control",
         "GRPO with K' samples per question (K' by the rule below, after `tapo` and `grpo` ran)"),
 )}
@@ -99,7 +101,8 @@ K_RULE = ("K' = round(T_tapo / (B x L_grpo)), at least K: T_tapo = mean over the
 STATISTICS = [
     "per arm: held-out pass@1 and pass@5 at the last step, mean over seeds and its 95% confidence interval "
     "(t-distribution, n - 1 degrees of freedom)",
-    "paired by seed: TAPO - GRPO (the seeds both ran), each ablation - TAPO, oracle_p100 - GRPO; mean and 95% t interval",
+    "paired by seed: TAPO - GRPO (the seeds both ran), each ablation - TAPO, oracle_p100 - GRPO, OPSD - GRPO, "
+    "TAPO - OPSD; mean and 95% t interval",
     "pass@1 versus step for every arm (mean over seeds; step 0 is the shared score), one PNG",
     "training dynamics per arm (mean over seeds): tapo/ots_weight_mean, tapo/construction_acc, "
     "rollout/response_len_mean, actor/entropy, one PNG",
@@ -444,6 +447,10 @@ def analyse(collected: dict, protocol: dict) -> dict:
             pairs[f"{arm} - tapo"] = paired(p1[arm], p1["tapo"])
     if "oracle_p100" in p1 and "grpo" in p1:
         pairs["oracle_p100 - grpo"] = paired(p1["oracle_p100"], p1["grpo"])
+    if "opsd" in p1 and "grpo" in p1:
+        pairs["opsd - grpo"] = paired(p1["opsd"], p1["grpo"])
+    if "tapo" in p1 and "opsd" in p1:
+        pairs["tapo - opsd"] = paired(p1["tapo"], p1["opsd"])
     constructions: dict[str, dict[str, float]] = {}
     for arm in protocol["arms"]:
         for key in CONSTRUCTION_KEYS:

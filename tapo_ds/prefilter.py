@@ -68,13 +68,17 @@ def count_correct(questions: Sequence[PromptedExample], **kwargs) -> list[int]:
 
 
 def write_filtered(path: Path, questions: Sequence[PromptedExample], result: PrefilterResult, keep: list[int],
-                   problem_field: str, answer_field: str) -> None:
+                   problem_field: str, answer_field: str, solution_field: str = "") -> None:
+    """The kept rows (with their reference solution under ``solution_field`` where they have one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
         for i in keep:
             ex = questions[i].example
-            fh.write(json.dumps({problem_field: ex.problem, answer_field: ex.answer,
-                                 "pass_rate": result.correct[i] / result.samples, "source": ex.source}) + "\n")
+            row = {problem_field: ex.problem, answer_field: ex.answer}
+            if solution_field and ex.solution:
+                row[solution_field] = ex.solution
+            row.update(pass_rate=result.correct[i] / result.samples, source=ex.source)
+            fh.write(json.dumps(row) + "\n")
 
 
 def gather_counts(local: list[int], rank: int, world: int) -> list[int]:

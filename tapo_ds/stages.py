@@ -183,7 +183,7 @@ def run_prefilter(cfg: Config, resume_arg: str | None) -> dict:
     d, p = cfg.data, cfg.prefilter
     with open_runtime(cfg, train=False, rollout=True, grader=True) as rt:
         rank, world = rt.info.rank, rt.info.world_size
-        examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit)
+        examples = load_examples(d.train_files, d.problem_field, d.answer_field, d.split, d.limit, d.solution_field)
         questions, too_long = prepare(examples, rt.tokenizer, d.prompt_template, cfg.model.chat_template_kwargs,
                                       d.max_prompt_tokens)
         local = count_correct(questions[rank::world], rollout=rt.rollout, grader=rt.grader, tokenizer=rt.tokenizer,
@@ -193,7 +193,7 @@ def run_prefilter(cfg: Config, resume_arg: str | None) -> dict:
     keep = result.keep(p.low, p.high)
     out = Path(p.output) if p.output else rt.run_dir / "filtered.jsonl"
     if rank == 0:
-        write_filtered(out, questions, result, keep, d.problem_field, d.answer_field)
+        write_filtered(out, questions, result, keep, d.problem_field, d.answer_field, d.solution_field)
         print(result.render(p.low, p.high), flush=True)
         print(f"({too_long} questions over data.max_prompt_tokens skipped) wrote {out}", flush=True)
     return {"prefilter/kept": float(len(keep)), "prefilter/questions": float(len(result.correct)),

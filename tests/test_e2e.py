@@ -118,7 +118,8 @@ def test_config_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "config error: rollout.temprature: unknown key (did you mean 'temperature'?); known: questions_per_step, "
-        "samples_per_question, max_new_tokens, temperature, top_p, top_k, gather"]
+        "samples_per_question, max_new_tokens, temperature, top_p, top_k, gather, engine, dynamic_sampling, "
+        "dynamic_sampling_max_rounds"]
 
 
 def test_bad_data_and_checkpoint_are_one_line(tmp_path):

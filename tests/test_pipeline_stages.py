@@ -12,7 +12,7 @@ from deepspeed.runtime.rollout.base import SamplingConfig
 from tapo_ds.coldstart import build_coldstart, model_constructor, pool_grader
 from tapo_ds.data import load_examples, prepare, write_jsonl
 from tapo_ds.modeling import build_tiny_tokenizer
-from tapo_ds.prefilter import PrefilterResult, count_correct, sample_and_grade
+from tapo_ds.prefilter import PrefilterResult, count_correct, sample_and_grade, write_filtered
 from tapo_ds.reward import GradingPool
 from tapo_ds.scripted import ScriptedRollout
 from tapo_ds.synthetic.constructor import construct
@@ -121,3 +121,17 @@ def test_prefilter_stage_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pass-rate histogram (6 questions x 4 samples)" in proc.stdout
     assert (tmp_path / "tiny" / "filtered.jsonl").is_file()
+
+
+def test_filtered_rows_keep_their_reference_solution(tmp_path):
+    """OPSD's teacher reads the reference solution from the prefilter's output: it must survive."""
+    src = tmp_path / "rows.jsonl"
+    write_jsonl([{"q": "1+1?", "a": "2", "sol": "1+1=2"}, {"q": "2+2?", "a": "4"}], src)
+    tok = build_tiny_tokenizer()
+    questions, _ = prepare(load_examples([str(src)], "q", "a", solution_field="sol"), tok, "{problem}", {}, 64)
+    out = tmp_path / "filtered.jsonl"
+    write_filtered(out, questions, PrefilterResult([1, 1], 2), [0, 1], "q", "a", "sol")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["sol"] == "1+1=2" and "sol" not in rows[1]
+    again = load_examples([str(out)], "q", "a", solution_field="sol")
+    assert [e.solution for e in again] == ["1+1=2", None]
