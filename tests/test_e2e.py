@@ -42,7 +42,7 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "tapo"])
+@pytest.mark.parametrize("algorithm", ["grpo", "tapo", "opsd"])
 def test_run_resume_export(tmp_path, algorithm):
     run([], tmp_path, "a", [f"algorithm.name={algorithm}"])
     run_dir = tmp_path / "a"

@@ -134,3 +134,12 @@ def test_rollout_engine_hybrid_engine_trains(tmp_path, grader):
 
 def test_eval_arith_helper_is_shared():
     assert eval_arith(2, "*", 3) == 6
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
+def test_opsd_step_is_invariant_to_the_micro_batch_split(tmp_path, grader, agg):
+    runs = [one_step(tmp_path / str(mb), grader, ["algorithm.name=opsd", "opsd.privileged=group",
+                                                 f"algorithm.loss_agg={agg}", f"algorithm.micro_batch_size={mb}"],
+                     n_right=3)[0] for mb in (3, 16)]
+    for key in ("actor/pg_loss", "actor/grad_norm", "opsd/jsd", "opsd/teacher_student_kl"):
+        assert runs[0][key] == pytest.approx(runs[1][key], rel=1e-4), key
