@@ -204,6 +204,15 @@ def test_error_at_every_step_and_the_example_of_the_issue():
         "Step 3: 36-4=32\nFinal Answer: \\boxed{32}</reconstruction>")
     assert construct(EXAMPLE.text, text, analysis="checked").startswith(
         "<analysis>Step 1 ok. Step 2 is wrong:")
+    # diff: the two results side by side up to the first that differs
+    assert construct(EXAMPLE.text, text, analysis="diff").startswith(
+        "<analysis>1: 12 vs 12 same. 2: 35 vs 36 differs. Step 2 is wrong:")
+    missing = "Step 1: 7+5=12\nFinal Answer: \\boxed{12}"  # step 2 skipped: nothing written there
+    assert construct(EXAMPLE.text, missing, analysis="diff").startswith(
+        "<analysis>1: 12 vs 12 same. 2: nothing vs 36 differs. Step 2 is missing:")
+    right_steps = "Step 1: 7+5=12\nStep 2: 12*3=36\nStep 3: 36-4=32\nFinal Answer: \\boxed{30}"
+    assert construct(EXAMPLE.text, right_steps, analysis="diff").startswith(
+        "<analysis>1: 12 vs 12 same. 2: 36 vs 36 same. 3: 32 vs 32 same. answer: differs. The final answer")
 
 
 def test_accidental_right_answers_are_avoided():

@@ -60,7 +60,7 @@ REFLECTION = "Wait, let me double-check"
 CHECK_RE = re.compile(r"^\s*Wait, let me double-check(?:\s+step\s*(\d+))?\s*:\s*(-?\d+)\s*([+\-*/])\s*(-?\d+)"
                       r"\s*=\s*(-?\d+)\s*\.?\s*$")
 MODES = ("micro", "full")
-ANALYSIS_STYLES = ("brief", "checked")
+ANALYSIS_STYLES = ("brief", "checked", "diff")
 
 
 @dataclass(frozen=True)
@@ -201,14 +201,35 @@ def diagnose(question: str, wrong: str) -> Diagnosis | None:
                      wrong[:last_end], _check(n, gold[-1]), n)
 
 
-def analysis_text(diagnosis: Diagnosis, style: str = "brief") -> str:
-    """``brief``: the diagnosis; ``checked``: "Step 1 ok. Step 2 ok. " before it."""
+def analysis_text(diagnosis: Diagnosis, style: str = "brief", problem: Problem | None = None) -> str:
+    """``brief``: the diagnosis; ``checked``: "Step 1 ok. Step 2 ok. " before it; ``diff``: each step's result
+    in the wrong text beside the right one, up to the first that differs ("1: 28 vs 28 same. 2: 30 vs 20
+    differs."), then the diagnosis: locating the mistake by comparing two numbers, not by re-computing
+    the step (needs ``problem``)."""
     if style == "brief":
         return diagnosis.message
     if style == "checked":
         ok = " ".join(f"Step {i} ok." for i in range(1, diagnosis.step))
         return f"{ok} {diagnosis.message}" if ok else diagnosis.message
+    if style == "diff":
+        if problem is None:
+            raise ValueError("the diff analysis needs the problem")
+        return f"{_diff(diagnosis, problem.steps())} {diagnosis.message}"
     raise ValueError(f"analysis style: expected one of {ANALYSIS_STYLES}, got {style!r}")
+
+
+def _diff(d: Diagnosis, gold: list[Step]) -> str:
+    parts = [f"{i}: {g.result} vs {g.result} same." for i, g in enumerate(gold[:d.step - 1], 1)]
+    if d.kind == "final":
+        return " ".join(parts + ["answer: differs."])
+    right = str(gold[d.step - 1].result) if d.step <= len(gold) else "nothing"
+    # what the wrong text wrote at the mistake: its prefix's last step (or check) line, unless that line
+    # is the step before (the step itself is missing)
+    last = next((line for line in reversed(d.prefix.splitlines()) if line.strip()), "")
+    step = parse_step(last) or parse_check(last)
+    previous = gold[d.step - 2].computation if d.step > 1 else None
+    written = str(step.result) if step is not None and step.computation != previous else "nothing"
+    return " ".join(parts + [f"{d.step}: {written} vs {right} differs."])
 
 
 def reconstruction_text(problem: Problem, diagnosis: Diagnosis, mode: str = "micro") -> str:
@@ -234,7 +255,7 @@ def construct(question: str, wrong: str, right: str | None = None, *, mode: str 
     if diagnosis is None:
         return None
     problem = parse_problem(question)
-    return format_construction(analysis_text(diagnosis, analysis),
+    return format_construction(analysis_text(diagnosis, analysis, problem),
                                reconstruction_text(problem, diagnosis, mode))
 
 
