@@ -249,6 +249,8 @@ class RLTrainer:
         metrics.local("timing/step", time.perf_counter() - start)
         metrics.throughput("perf/tokens_per_s", sum(len(s.response_ids) for s in drawn.samples),
                            metrics["timing/rollout"])
+        if torch.cuda.is_available() and self.info.device.type == "cuda":
+            metrics.max("perf/peak_gpu_mem_gb", torch.cuda.max_memory_allocated(self.info.device) / 2**30)
         if self.s.text_every and step % self.s.text_every == 0:
             self._log_text(drawn, step)
         if self.evaluator is not None and self.evaluator.due(step):

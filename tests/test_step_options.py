@@ -143,3 +143,26 @@ def test_opsd_step_is_invariant_to_the_micro_batch_split(tmp_path, grader, agg):
                      n_right=3)[0] for mb in (3, 16)]
     for key in ("actor/pg_loss", "actor/grad_norm", "opsd/jsd", "opsd/teacher_student_kl"):
         assert runs[0][key] == pytest.approx(runs[1][key], rel=1e-4), key
+
+
+def test_opsd_with_the_student_prompt_as_teacher_prompt_is_zero(tmp_path):
+    """Alignment check: a teacher shown exactly the student's prompt is the student, so the divergence
+    and its gradient vanish, whatever the lengths in the micro-batch."""
+    from tapo_ds.batch import Sample
+    from tapo_ds.opsd import DEFAULT_TEACHER_TEMPLATE, OpsdSettings, Teacher
+
+    init_distributed()
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"output_dir={tmp_path}", "algorithm.micro_batch_size=3"])
+    torch.manual_seed(0)
+    engine, info, tok, _ = setup_engine(cfg, 1, 3)
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(prompt_ids=torch.randint(5, 100, (p,), generator=g).tolist(),
+                      response_ids=torch.randint(5, 100, (r,), generator=g).tolist(), group_id=str(i), reward=0.0)
+               for i, (p, r) in enumerate([(4, 7), (9, 2), (6, 11), (3, 5), (12, 1)])]
+    settings = OpsdSettings(privileged="group", template=DEFAULT_TEACHER_TEMPLATE, chat_template_kwargs={}, beta=0.5,
+                            temperature=1.0, teacher_top_k=None, pointwise_clip=None, chunk_tokens=4,
+                            agg_mode="seq-mean-token-mean")
+    m = Teacher(settings, tok).update(engine, samples, [s.prompt_ids for s in samples], micro_batch_size=3,
+                                      pad_id=tok.pad_token_id, world_size=1).reduce()
+    assert m["opsd/jsd"] == pytest.approx(0.0, abs=1e-6) and m["opsd/teacher_student_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert m["actor/grad_norm"] == pytest.approx(0.0, abs=1e-6)
