@@ -226,7 +226,7 @@ class RLTrainer:
             out = self.rollout_phase(step)
         with timed("reward", metrics):
             self.reward_phase(out)
-        drawn = out
+        drawn, first_tokens = out, sum(len(s.response_ids) for s in out.samples)
         if self.s.dynamic_sampling:
             with timed("fill", metrics):
                 out, drawn, fmetrics = self.fill_phase(out, step)
@@ -247,8 +247,7 @@ class RLTrainer:
             with timed("update", metrics):
                 metrics.update(self.distill_phase(out))
         metrics.local("timing/step", time.perf_counter() - start)
-        metrics.throughput("perf/tokens_per_s", sum(len(s.response_ids) for s in drawn.samples),
-                           metrics["timing/rollout"])
+        metrics.throughput("perf/tokens_per_s", first_tokens, metrics["timing/rollout"])  # the rollout phase's
         if torch.cuda.is_available() and self.info.device.type == "cuda":
             metrics.max("perf/peak_gpu_mem_gb", torch.cuda.max_memory_allocated(self.info.device) / 2**30)
         if self.s.text_every and step % self.s.text_every == 0:
