@@ -690,7 +690,8 @@ def parse_args(argv: list[str] | None, cfg: Config) -> argparse.Namespace:
     p.add_argument("--questions", type=int, default=400, help="training questions given to the prefilter")
     p.add_argument("--eval-limit", type=int, default=cfg.evaluation.limit, help="held-out problems (0 = all)")
     p.add_argument("--eval-every", type=int, default=cfg.evaluation.every)
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "miniature-bench", help="the runs")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "miniature-runs",
+                   help="the runs (their metrics, configs and markers are kept in the repository)")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="protocol, tables and plots")
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (each then uses 1 torch thread)")
     p.add_argument("--only", nargs="+", default=None, choices=list(ARMS),
