@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on", help="TRL's default: on")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -67,7 +68,7 @@ def main() -> None:
                       steps_per_generation=1, gradient_accumulation_steps=1, num_iterations=1,
                       max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, beta=0.0,
                       epsilon=0.2, loss_type="grpo", scale_rewards="group", logging_steps=1, seed=a.seed,
-                      dataloader_num_workers=0)
+                      dataloader_num_workers=0, gradient_checkpointing=a.gradient_checkpointing == "on")
     timer = StepTimer()
     trainer = GRPOTrainer(model=a.model, reward_funcs=reward, args=args, train_dataset=ds, callbacks=[timer])
     trainer.train()

@@ -5,10 +5,11 @@
 
 TRL (``trl==1.16.0``, torch 2.13.0 first, the same transformers) is installed on first use into its own
 venv, ``.cache/trl-venv``. Each round runs the two systems one after the other on each model, with the
-same model folder, the same questions (the first ``--questions-file`` rows of the synthetic training set),
+same model folder, the same questions (the first ``--pool`` rows of the synthetic training set),
 the chat-template prompt ``{problem}``, B questions x K samples per step, ``max_new_tokens``, temperature
 1.0, top-p 1.0, beta 0 (no KL, no reference model), lr 5e-5 constant, one optimizer step per rollout,
-PPO clip 0.2, group-normalised advantages, seq-mean-token-mean loss, 2 torch threads. tapo-ds runs its
+PPO clip 0.2, group-normalised advantages, seq-mean-token-mean loss, 2 torch threads; gradient checkpointing
+each system's default (tapo-ds off, TRL on) unless ``--gradient-checkpointing on|off`` sets both. tapo-ds runs its
 default config (ZeRO-3 under DeepSpeed, one process, no launcher). The first step of each run is warm-up
 and left out. Printed per system and model: median step time, peak RSS of the process tree, mean
 response length and reward (both ran the same regime), then the ratio tapo-ds / TRL of the medians.
@@ -91,6 +92,8 @@ def run_tapo(model: Path, data: Path, a, tmp: Path, env: dict) -> dict:
             "checkpoint.every=0", "checkpoint.export_hf=false", "logging.progress_bar=false",
             "logging.tensorboard=false", "logging.text_every=0", "torch_threads=2", f"output_dir={tmp}",
             f"name={name}", "overwrite=true", f"seed={a.seed}"]
+    if a.gradient_checkpointing != "defaults":
+        sets.append(f"model.gradient_checkpointing={str(a.gradient_checkpointing == 'on').lower()}")
     cmd = [sys.executable, "tapo_ds/main.py", "--config", "configs/quickstart.yaml"]
     cmd += [x for s in sets for x in ("--set", s)]
     wall, rss = timed_child(cmd, env)
@@ -106,6 +109,8 @@ def run_trl(model: Path, data: Path, a, tmp: Path, env: dict) -> dict:
     cmd = [str(TRL_PY), "bench/_trl_grpo.py", "--model", str(model), "--data", str(data), "--steps", str(a.steps),
            "--questions", str(a.questions), "--samples", str(a.samples), "--max-new-tokens", str(a.max_new_tokens),
            "--seed", str(a.seed), "--out", str(out)]
+    if a.gradient_checkpointing != "defaults":
+        cmd += ["--gradient-checkpointing", a.gradient_checkpointing]
     wall, rss = timed_child(cmd, env)
     res = json.loads(out.read_text())
     return {"step_s": res["step_s"][1:], "response_len_mean": res["response_len_mean"][1:],
@@ -122,6 +127,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--pool", type=int, default=200, help="questions to draw from")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--gradient-checkpointing", choices=["defaults", "on", "off"], default="defaults",
+                   help="defaults: each system's own (tapo-ds off, TRL on); on/off: both the same")
     a = p.parse_args()
     ensure_trl()
     data = questions_file(a.pool)
@@ -142,7 +149,8 @@ def main() -> None:
                           f"peak RSS {res['rss_gb']:.2f} GB  length {statistics.mean(res['response_len_mean']):.1f}  "
                           f"reward {statistics.mean(res['reward']):.3f}", flush=True)
     print(f"\nB={a.questions} K={a.samples} max_new_tokens={a.max_new_tokens}, {a.steps - 1} timed steps per run, "
-          f"{a.rounds} round(s); medians over all timed steps of all rounds")
+          f"{a.rounds} round(s), gradient checkpointing: {a.gradient_checkpointing}; medians over all timed steps "
+          f"of all rounds")
     print("| model | system | step time (s) | peak RSS (GB) | response length | reward |")
     print("|---|---|---|---|---|---|")
     for m in a.models:
