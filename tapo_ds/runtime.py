@@ -81,6 +81,9 @@ def setup_engine(cfg: Config, world: int, micro_batch_size: int, total_steps: in
                                    world_size=world, grad_clip=cfg.optimizer.grad_clip,
                                    hybrid_engine=cfg.rollout.engine == "hybrid_engine", dtype=cfg.model.dtype)
     model, tokenizer = build_model(cfg, ds_config)
+    # from_pretrained returns eval mode, in which HF models skip gradient checkpointing (and dropout): the
+    # policy trains in train mode (the rollout switches to eval and back around generation)
+    model.train()
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     o = cfg.optimizer

@@ -166,3 +166,20 @@ def test_opsd_with_the_student_prompt_as_teacher_prompt_is_zero(tmp_path):
                                       pad_id=tok.pad_token_id, world_size=1).reduce()
     assert m["opsd/jsd"] == pytest.approx(0.0, abs=1e-6) and m["opsd/teacher_student_kl"] == pytest.approx(0.0, abs=1e-6)
     assert m["actor/grad_norm"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_loaded_policy_trains_in_train_mode_with_gradient_checkpointing(tmp_path):
+    """from_pretrained returns eval mode, where HF silently skips gradient checkpointing: the policy engine
+    must come back in train mode, and checkpointing must then be active in its forward."""
+    init_distributed()
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.path=checkpoints/miniature-coldstart",
+                                                       "model.gradient_checkpointing=true", f"output_dir={tmp_path}"])
+    engine, _, _, _ = setup_engine(cfg, 1, 2)
+    assert engine.module.training and engine.module.model.gradient_checkpointing
+    calls = []
+    layer = engine.module.model.layers[0]
+    original = layer._gradient_checkpointing_func
+    layer._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or original(*a, **k)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    engine(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.sum().backward()
+    assert calls, "gradient checkpointing was not used in the training forward"
