@@ -179,14 +179,17 @@ class Teacher:
             groups.setdefault(s.group_id, []).append(i)
         out: list[Optional[list[int]]] = []
         source = {"solution": 0, "group": 0, "none": 0}
+        rendered: dict[tuple[int, str], list[int]] = {}  # the K samples of a question mostly share one teacher
         for i, s in enumerate(samples):
             members = groups[s.group_id]
             solution, where = pick_privileged(self.s.privileged, references[s.question],
                                               [texts[j] for j in members], [samples[j].reward for j in members],
                                               members.index(i))
             source[where] += 1
-            out.append(None if solution is None else teacher_prompt_ids(
-                self.tok, self.s.template, problems[s.question], solution, self.s.chat_template_kwargs))
+            if solution is not None and (s.question, solution) not in rendered:
+                rendered[s.question, solution] = teacher_prompt_ids(
+                    self.tok, self.s.template, problems[s.question], solution, self.s.chat_template_kwargs)
+            out.append(None if solution is None else rendered[s.question, solution])
         m = StepMetrics()
         m.mean("opsd/privileged_frac", len(samples) - source["none"], len(samples))
         m.mean("opsd/reference_frac", source["solution"], len(samples))
@@ -197,7 +200,7 @@ class Teacher:
         """One optimizer step on the divergence over the samples that have a teacher prompt."""
         device = engine.device
         chosen = [i for i, p in enumerate(teacher_prompts) if p is not None]
-        mbs = micro_batches(samples, chosen, micro_batch_size, pad_id, device)
+        mbs = micro_batches(samples, chosen, micro_batch_size, pad_id, device, at_least=1)
         counts = sum((local_counts(mb.response_mask, mb.part) for mb in mbs), GlobalCounts.zeros(device=device))
         counts = GlobalCounts.from_tensor(all_reduce_(counts.as_tensor(), "sum"))
         scale = torch.ones(2, dtype=torch.float32, device=device)

@@ -52,13 +52,13 @@ def equal_count_across_ranks(n: int, device) -> int:
 
 
 def micro_batches(samples: Sequence[Sample], indices: Sequence[int], micro_batch_size: int,
-                  pad_id: int, device) -> list[MicroBatch]:
-    """This rank's micro-batches, padded with empty ones to the count of the busiest rank."""
+                  pad_id: int, device, at_least: int = 0) -> list[MicroBatch]:
+    """This rank's micro-batches, padded with empty ones to the count of the busiest rank (and to
+    ``at_least``: an optimizer step needs one backward even when no rank has anything to train)."""
     chosen = [samples[i] for i in indices]
     plan = plan_micro_batches(chosen, micro_batch_size) if chosen else []
     mbs = [collate([chosen[j] for j in group], [indices[j] for j in group], pad_id, device) for group in plan]
-    # at least one: a step with nothing to train (e.g. no informative group) still runs its collectives
-    target = max(1, equal_count_across_ranks(len(mbs), device))
+    target = max(at_least, equal_count_across_ranks(len(mbs), device))
     mbs += [dummy_batch(pad_id, device) for _ in range(target - len(mbs))]
     return mbs
 
@@ -124,7 +124,7 @@ def optimizer_step(engine, samples: Sequence[Sample], indices: Sequence[int], se
     log-probs (same parameters, one forward saved). Without ``token_weights`` every token weighs 1.
     """
     device = engine.device
-    mbs = micro_batches(samples, indices, micro_batch_size, pad_id, device)
+    mbs = micro_batches(samples, indices, micro_batch_size, pad_id, device, at_least=1)
     counts = sum((local_counts(mb.response_mask, mb.part) for mb in mbs), GlobalCounts.zeros(device=device))
     counts = GlobalCounts.from_tensor(all_reduce_(counts.as_tensor(), "sum"))
     # The step's global token counts (all parts, and original samples) divide the per-token sums below.

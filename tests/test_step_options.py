@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
-from test_tapo_step import REPO, Script, eval_arith, one_step
+from test_tapo_step import REPO, Script, eval_arith, one_step, scripted_trainer
 
 from tapo_ds.config import load_config
 from tapo_ds.data import EpochSampler, load_examples, prepare
 from tapo_ds.engine import init_distributed
 from tapo_ds.monitor import Monitor
 from tapo_ds.reward import GradingPool
-from tapo_ds.scripted import ScriptedRollout
 from tapo_ds.stages import make_rl_trainer, setup_engine
 
 
@@ -50,19 +49,13 @@ def test_opsd_reference_solution_and_frozen_teacher(tmp_path, grader):
     assert m["opsd/jsd"] > 0 and m["actor/grad_norm"] > 0
 
 
+SMALL_STEP = ["rollout.questions_per_step=2", "rollout.samples_per_question=4", "rollout.max_new_tokens=200",
+              "algorithm.micro_batch_size=8", "data.limit=8", "seed=3"]
+
+
 def _trainer(tmp_path, grader, overrides, script):
-    base = ["rollout.questions_per_step=2", "rollout.samples_per_question=4", "rollout.max_new_tokens=200",
-            "algorithm.micro_batch_size=8", "data.limit=8", "seed=3", f"output_dir={tmp_path}"]
-    cfg = load_config(REPO / "configs" / "tiny.yaml", base + overrides)
-    torch.manual_seed(0)
-    engine, info, tok, _ = setup_engine(cfg, 1, cfg.algorithm.micro_batch_size)
-    ex = load_examples(cfg.data.train_files, "problem", "answer", limit=cfg.data.limit,
-                       solution_field=cfg.data.solution_field)
-    train, _ = prepare(ex, tok, cfg.data.prompt_template, {}, 256)
-    rollout = ScriptedRollout(tok, script, tok.eos_token_id, tok.pad_token_id)
-    monitor = Monitor(tmp_path, enabled=False, tensorboard=False, progress_bar=False, total_steps=1)
-    return make_rl_trainer(cfg, engine=engine, info=info, tokenizer=tok, rollout=rollout, grader=grader,
-                           monitor=monitor, train=train, sampler=EpochSampler(len(train), cfg.seed)), rollout
+    trainer, rollout, _ = scripted_trainer(tmp_path, grader, overrides, script, base=SMALL_STEP, logs=False)
+    return trainer, rollout
 
 
 class OddRight(Script):

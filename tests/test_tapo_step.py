@@ -58,21 +58,30 @@ def grader():
         yield pool
 
 
-def one_step(tmp_path, grader, overrides, n_right):
-    base = ["rollout.questions_per_step=2", "rollout.samples_per_question=8", "rollout.max_new_tokens=200",
+ONE_STEP = ["rollout.questions_per_step=2", "rollout.samples_per_question=8", "rollout.max_new_tokens=200",
             "algorithm.micro_batch_size=6", "tapo.max_new_tokens=400", "data.limit=8", "seed=3",
-            f"output_dir={tmp_path}", "tapo.examples_every=1", "logging.text_every=1"]
-    cfg = load_config(REPO / "configs" / "tiny.yaml", base + overrides)
+            "tapo.examples_every=1", "logging.text_every=1"]
+
+
+def scripted_trainer(tmp_path, grader, overrides, script, base=ONE_STEP, logs=True):
+    """The RL trainer of ``configs/tiny.yaml`` + ``base`` + ``overrides`` on the real engine, with ``script``
+    answering every prompt; returns (trainer, rollout, monitor)."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", list(base) + [f"output_dir={tmp_path}"] + list(overrides))
     torch.manual_seed(0)
     engine, info, tok, _ = setup_engine(cfg, 1, cfg.algorithm.micro_batch_size)
     ex = load_examples(cfg.data.train_files, "problem", "answer", limit=cfg.data.limit,
                        solution_field=cfg.data.solution_field)
     train, _ = prepare(ex, tok, cfg.data.prompt_template, {}, 256)
-    script = Script(n_right)
     rollout = ScriptedRollout(tok, script, tok.eos_token_id, tok.pad_token_id)
-    monitor = Monitor(tmp_path, enabled=True, tensorboard=True, progress_bar=False, total_steps=1)
+    monitor = Monitor(tmp_path, enabled=logs, tensorboard=logs, progress_bar=False, total_steps=1)
     trainer = make_rl_trainer(cfg, engine=engine, info=info, tokenizer=tok, rollout=rollout, grader=grader,
                               monitor=monitor, train=train, sampler=EpochSampler(len(train), cfg.seed))
+    return trainer, rollout, monitor
+
+
+def one_step(tmp_path, grader, overrides, n_right):
+    script = Script(n_right)
+    trainer, rollout, monitor = scripted_trainer(tmp_path, grader, overrides, script)
     metrics = trainer.step(1)
     monitor.close()
     return metrics, script, rollout
