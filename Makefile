@@ -30,7 +30,7 @@ quickstart: $(STAMP)
 		--set "data.train_files=[runs/quickstart-prefilter/filtered.jsonl]" --set overwrite=true
 	$(PY) -m tapo_ds.report runs/quickstart
 
-# Rebuild the shipped cold-start checkpoint (about 30 minutes on 2 idle cores): the synthetic data (RL
+# Rebuild the shipped cold-start checkpoint (about 17 minutes on 2 cores): the synthetic data (RL
 # train/test and the cold-start mixes; train.jsonl keeps off the problems of both mixes), SFT from scratch,
 # then the copy of its HF export.
 COLDSTART_DATA := --out data/synthetic --train 3000 --test 200 --seed 0 --steps 3 6 \
