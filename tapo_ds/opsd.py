@@ -33,6 +33,7 @@ from .batch import Sample, collate, dummy_batch
 from .data import encode, render_chat
 from .engine import all_reduce_
 from .metrics import StepMetrics
+from .plain_linear import plain_linear
 from .update import grad_norm, micro_batches
 
 DEFAULT_TEACHER_TEMPLATE = (
@@ -217,7 +218,7 @@ class Teacher:
             else:
                 t_mb = dummy_batch(pad_id, device)
             s_hidden = final_hidden(engine, mb)
-            with torch.no_grad():
+            with torch.no_grad(), plain_linear():
                 t_hidden = final_hidden(teacher, t_mb)
             s_al, mask = aligned(s_hidden[:, :-1], mb.response_mask)
             t_al, t_mask = aligned(t_hidden[:, :-1], t_mb.response_mask)

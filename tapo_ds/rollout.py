@@ -36,6 +36,8 @@ import transformers
 from deepspeed.runtime.rollout.base import RolloutBatch, RolloutEngine, RolloutRequest, SamplingConfig
 from transformers import DynamicCache
 
+from tapo_ds.plain_linear import plain_linear
+
 __all__ = ["RolloutResult", "TapoRollout", "sample_next_token"]
 
 
@@ -229,7 +231,8 @@ class TapoRollout(RolloutEngine):
         module.eval()
         t0 = time.perf_counter()
         try:
-            out, lengths, truncated, counters = self._decode(module, request, sampling, generator, lockstep)
+            with plain_linear():
+                out, lengths, truncated, counters = self._decode(module, request, sampling, generator, lockstep)
         finally:
             module.train(was_training)
         wall = time.perf_counter() - t0

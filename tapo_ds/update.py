@@ -28,6 +28,7 @@ from tapo_ds.algorithms import (
 from tapo_ds.batch import MicroBatch, Sample, collate, dummy_batch, plan_micro_batches
 from tapo_ds.engine import all_reduce_
 from tapo_ds.metrics import StepMetrics
+from tapo_ds.plain_linear import plain_linear
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def per_token_stats(module, samples, micro_batch_size, pad_id, device, *, with_e
     ents: list[torch.Tensor | None] = [None] * len(samples)
     chosen = [i for i, s in enumerate(samples) if which(s)]
     for mb in micro_batches(samples, chosen, micro_batch_size, pad_id, device):
-        logp, ent = forward_logp(module, mb, with_entropy=with_entropy)
+        with plain_linear():
+            logp, ent = forward_logp(module, mb, with_entropy=with_entropy)
         for row, i in enumerate(mb.index):
             keep = mb.response_mask[row].bool()
             logps[i] = logp[row][keep].float().cpu()

@@ -305,3 +305,30 @@ def _two_rank_worker():
 
 if __name__ == "__main__":
     _two_rank_worker()
+
+
+def test_decoding_bypasses_zero3_linear(zero3_engine, monkeypatch):
+    """ZeRO-3 replaces torch.nn.functional.linear process-wide; decoding (no autograd graph) must run on
+    torch's own linear, and the replacement must be back in place afterwards for training."""
+    import torch.nn.functional as F
+
+    from tapo_ds.plain_linear import plain_linear
+
+    engine, plain, tok = zero3_engine
+    calls = []
+    patched = F.linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return patched(*args, **kwargs)
+
+    monkeypatch.setattr(F, "linear", counting)
+    roll = TapoRollout(engine, tok, stops(tok), tok.pad_token_id, gather="once", module_factory=factory(plain.config))
+    roll.sync_weights(0)
+    got = roll.generate(request(tok), SamplingConfig(max_new_tokens=8, temperature=0.0))
+    assert got.response_lengths.sum() > 0 and calls == []
+    assert F.linear is counting
+    engine(input_ids=request(tok).prompt_ids[:1])  # a forward that builds a graph keeps the replacement
+    assert calls
+    with pytest.raises(RuntimeError, match="no_grad"), plain_linear():
+        pass
