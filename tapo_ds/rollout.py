@@ -34,11 +34,11 @@ from typing import Callable, Optional
 import torch
 import transformers
 from deepspeed.runtime.rollout.base import RolloutBatch, RolloutEngine, RolloutRequest, SamplingConfig
-from transformers import DynamicCache
 
+from tapo_ds.decode_loop import FollowUpResult, FollowUps, _DecodeLoop, sample_next_token
 from tapo_ds.plain_linear import plain_linear
 
-__all__ = ["RolloutResult", "TapoRollout", "sample_next_token"]
+__all__ = ["FollowUpResult", "FollowUps", "RolloutResult", "TapoRollout", "sample_next_token"]
 
 
 @dataclass
@@ -56,26 +56,6 @@ class RolloutResult(RolloutBatch):
     truncated: torch.Tensor  # [B'] bool: no stop token within max_new_tokens
     prompt_index: torch.Tensor  # [B'] request row each sample came from
     stats: dict = field(default_factory=dict)  # tokens, decode_steps, wall_s, useful_tokens_per_s, ...
-
-
-def sample_next_token(logits: torch.Tensor, sampling: SamplingConfig,
-                      generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One token per row from float logits ``[n, V]``: greedy when temperature <= 0, else
-    temperature -> top-k -> top-p (the order HF's logits warpers apply them)."""
-    if sampling.temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
-    if sampling.top_k > 0 and sampling.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum <= 1.0 - sampling.top_p
-        drop[:, -1] = False  # always keep the most likely token
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def _dist():
@@ -198,13 +178,27 @@ class TapoRollout(RolloutEngine):
         together); with "once" a call is rank-local unless the copy is stale (never filled,
         or ``engine.global_steps`` moved since the last gather), in which case it re-gathers
         first, so call ``sync_weights`` on every rank at the start of each phase."""
+        result, _ = self._run(request, sampling, None)
+        return result
+
+    @torch.no_grad()
+    def generate_with_followups(self, request: RolloutRequest, sampling: SamplingConfig,
+                                follow: "FollowUps") -> tuple[RolloutResult, "FollowUpResult"]:
+        """``generate`` plus rows that join the running batch while it decodes: when the K samples of a
+        request row have all ended, ``follow.group_done`` gets them; the prompts ``follow.ready`` returns
+        are prefilled and decoded (with ``follow.sampling``) in the slots finished rows freed. The call
+        returns once nothing runs and ``follow.ready(block=True)`` has nothing more. Rank-local only
+        (not with ``gather="per_step"`` on several ranks: their forward counts would differ)."""
+        return self._run(request, sampling, follow)
+
+    def _run(self, request: RolloutRequest, sampling: SamplingConfig, follow):
         if sampling.max_new_tokens <= 0 or sampling.n_samples_per_prompt <= 0:
             raise ValueError("sampling.max_new_tokens and n_samples_per_prompt must be positive")
         if request.prompt_ids.shape[0] == 0:
             raise ValueError("empty request: under ZeRO-3 every rank must bring at least one prompt")
         if sampling.continuous_batch_size is not None:
-            raise NotImplementedError("TapoRollout drops finished rows instead of refilling them; "
-                                      "leave SamplingConfig.continuous_batch_size unset")
+            raise NotImplementedError("TapoRollout drops finished rows and refills them with follow-up rows "
+                                      "(generate_with_followups); leave SamplingConfig.continuous_batch_size unset")
         if self.zero3 and self.gather == "once":
             # A stale copy would silently sample from old weights: refill after any update.
             if self._copy is None or self._synced_version != getattr(self.engine, "global_steps", None):
@@ -217,11 +211,13 @@ class TapoRollout(RolloutEngine):
         # Per-step ZeRO-3 gathers are collectives: ranks must agree on when to stop.
         lockstep = dist if (self.zero3 and self.gather == "per_step" and dist is not None
                             and dist.get_world_size() > 1) else None
+        if follow is not None and lockstep is not None:
+            raise ValueError("follow-up rows need rank-local decoding: use gather='once' (or one rank)")
 
         device = next(module.parameters()).device
         request = RolloutRequest(request.prompt_ids.to(device), request.prompt_attention_mask.to(device))
         generator = None
-        if sampling.temperature > 0:
+        if sampling.temperature > 0 or (follow is not None and follow.sampling.temperature > 0):
             key = f"{self.seed}:{rank}:{self._step}:{self._calls}".encode()
             generator = torch.Generator(device=device)
             generator.manual_seed(int(hashlib.sha256(key).hexdigest()[:15], 16))
@@ -232,72 +228,16 @@ class TapoRollout(RolloutEngine):
         t0 = time.perf_counter()
         try:
             with plain_linear():
-                out, lengths, truncated, counters = self._decode(module, request, sampling, generator, lockstep)
+                loop = _DecodeLoop(module, self.stop_token_ids, self.pad_token_id, self.compact_fraction,
+                                   sampling, follow, generator, lockstep)
+                loop.run(request)
         finally:
             module.train(was_training)
         wall = time.perf_counter() - t0
-        return self._assemble(request, sampling, out, lengths, truncated, counters, wall)
-
-    def _decode(self, module, request: RolloutRequest, sampling: SamplingConfig, generator, lockstep):
-        """The loop. ``lockstep``: deepspeed.comm when ranks must run equal forward counts."""
-        prompt_ids = request.prompt_ids
-        prompt_mask = request.prompt_attention_mask.long()
-        device = prompt_ids.device
-        B, K, T = prompt_ids.shape[0], sampling.n_samples_per_prompt, sampling.max_new_tokens
-        N = B * K
-        stop_ids = torch.tensor(self.stop_token_ids, device=device)
-
-        # Prefill each prompt once and repeat its cache K times (the K samples share it).
-        # Positions from the left-padded mask, as HF generate computes them.
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=module.config)
-        logits = module(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        if K > 1:
-            cache.batch_repeat_interleave(K)
-            logits = logits.repeat_interleave(K, dim=0)
-        attn = prompt_mask.repeat_interleave(K, dim=0)
-        next_pos = positions[:, -1].repeat_interleave(K, dim=0) + 1
-
-        out = torch.full((N, T), self.pad_token_id, dtype=torch.long, device=device)
-        lengths = torch.zeros(N, dtype=torch.long, device=device)
-        stopped = torch.zeros(N, dtype=torch.bool, device=device)
-        rows = torch.arange(N, device=device)  # batch row -> sample index
-        done = torch.zeros(N, dtype=torch.bool, device=device)  # per batch row
-        decode_steps = row_steps = compactions = 0
-        for t in range(T):
-            token = sample_next_token(logits.float(), sampling, generator)
-            live = rows[~done]
-            out[live, t] = token[~done]
-            lengths[live] = t + 1
-            hit = torch.isin(token, stop_ids) & ~done
-            stopped[rows[hit]] = True
-            done |= hit
-            if t + 1 == T:
-                break
-            running = not bool(done.all())
-            if lockstep is not None:  # stop only when no rank has a live row
-                flag = torch.tensor([int(running)], device=device)
-                lockstep.all_reduce(flag, op=lockstep.ReduceOp.MAX)
-                running = bool(flag.item())
-            if not running:
-                break
-            n_done = int(done.sum())
-            if n_done and n_done >= self.compact_fraction * len(rows) and len(rows) > 1:
-                keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:  # lockstep: this rank has finished; step one dummy row
-                    keep = keep.new_zeros(1)
-                cache.batch_select_indices(keep)
-                rows, done, token, attn, next_pos = rows[keep], done[keep], token[keep], attn[keep], next_pos[keep]
-                compactions += 1
-            attn = torch.cat([attn, attn.new_ones(len(rows), 1)], dim=1)
-            logits = module(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                            past_key_values=cache, use_cache=True).logits[:, -1]
-            next_pos = next_pos + 1
-            decode_steps += 1
-            row_steps += len(rows)
-        counters = {"decode_steps": decode_steps, "row_steps": row_steps, "compactions": compactions}
-        return out, lengths, ~stopped, counters
+        n = request.prompt_ids.shape[0] * sampling.n_samples_per_prompt
+        result = self._assemble(request, sampling, loop.out[:n], loop.gen[:n], ~loop.stopped[:n], loop.counters,
+                                wall)
+        return result, loop.followup_result()
 
     def _assemble(self, request, sampling, out, lengths, truncated, counters, wall) -> RolloutResult:
         K = sampling.n_samples_per_prompt

@@ -332,3 +332,51 @@ def test_decoding_bypasses_zero3_linear(zero3_engine, monkeypatch):
     assert calls
     with pytest.raises(RuntimeError, match="no_grad"), plain_linear():
         pass
+
+
+class _EchoFollowUps:
+    """After prompt q's samples end, start one follow-up: prompt q's tokens then its first sample."""
+
+    def __init__(self, tok, sampling, delay_steps=0):
+        self.tok, self.sampling, self.delay = tok, sampling, delay_steps
+        self.done_groups, self.pending, self.started = [], [], []
+        self.calls = 0
+
+    def group_done(self, prompt, token_ids, truncated):
+        self.done_groups.append((prompt, token_ids, truncated))
+        ids = self.tok(PROMPTS[prompt]).input_ids + token_ids[0][:3]
+        self.pending.append((self.calls + self.delay, ids))
+
+    def ready(self, block):
+        self.calls += 1
+        now = [ids for due, ids in self.pending if block or due <= self.calls]
+        self.pending = [(due, ids) for due, ids in self.pending if not (block or due <= self.calls)]
+        self.started += now
+        return now
+
+
+@pytest.mark.parametrize("delay_steps", [0, 5])
+def test_followups_join_the_running_batch(delay_steps):
+    """Greedy: the request's samples are those of plain generate, every follow-up is what generate gives
+    its prompt alone, each group is reported once with its own samples, and follow-ups really joined a
+    running batch (not only after it ended)."""
+    bias, _ = varied_bias()
+    model, tok = tiny(bias)
+    roll = TapoRollout(model, tok, stops(tok), tok.pad_token_id)
+    s = SamplingConfig(max_new_tokens=T, temperature=0.0, n_samples_per_prompt=2)
+    want = roll.generate(request(tok), s)
+    follow = _EchoFollowUps(tok, SamplingConfig(max_new_tokens=T + 6, temperature=0.0), delay_steps)
+    got, extra = roll.generate_with_followups(request(tok), s, follow)
+    assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.response_mask, want.response_mask)
+    assert sorted(q for q, _, _ in follow.done_groups) == list(range(len(PROMPTS)))
+    for q, ids, truncated in follow.done_groups:
+        for j in range(2):
+            n = int(want.response_lengths[2 * q + j])
+            assert ids[j] == want.response_ids[2 * q + j, :n].tolist()
+            assert truncated[j] == bool(want.truncated[2 * q + j])
+    assert len(extra.token_ids) == len(follow.started) == len(PROMPTS) and extra.joins >= 1
+    alone = SamplingConfig(max_new_tokens=T + 6, temperature=0.0)
+    for ids, out, cut in zip(follow.started, extra.token_ids, extra.truncated):
+        ref = roll.generate(RolloutRequest(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)), alone)
+        assert out == ref.response_ids[0, :int(ref.response_lengths[0])].tolist()
+        assert cut == bool(ref.truncated[0])
