@@ -8,7 +8,8 @@ engine, the grader, the tokenizer and the metrics.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 from deepspeed.runtime.rollout.base import SamplingConfig
 
@@ -17,7 +18,10 @@ from tapo_ds.data import encode, render_chat
 from tapo_ds.generation import generate
 from tapo_ds.metrics import StepMetrics
 from tapo_ds.trajectory import (
+    ConstructionRequests,
     ConstructionStats,
+    Pair,
+    SelectionResult,
     assemble,
     build_requests,
     load_template,
@@ -25,6 +29,31 @@ from tapo_ds.trajectory import (
     select_pairs,
 )
 from tapo_ds.trajectory.backends import BackendContext, ConstructionJob, build_backend
+
+
+@dataclass
+class Plan:
+    """The step's construction requests, question by question, and what they were drawn from."""
+
+    selection: SelectionResult = field(default_factory=lambda: SelectionResult(pairs=[], n_groups=0, n_candidates=0))
+    requests: ConstructionRequests = field(default_factory=lambda: ConstructionRequests(prompts=[], pairs=[]))
+    prompt_ids: list[list[int]] = field(default_factory=list)  # chat-rendered and tokenised, one per request
+
+    def add(self, sel: SelectionResult, reqs: ConstructionRequests, prompt_ids: list[list[int]]) -> None:
+        self.selection.pairs += sel.pairs
+        self.selection.n_groups += sel.n_groups
+        self.selection.n_candidates += sel.n_candidates
+        self.selection.candidate_groups += sel.candidate_groups
+        self.requests.prompts += reqs.prompts
+        self.requests.pairs += reqs.pairs
+        self.requests.skipped += reqs.skipped
+        self.prompt_ids += prompt_ids
+
+    def merged(self, parts: dict[int, "Plan"]) -> "Plan":
+        """Plans of single questions, in question order, after this one."""
+        for q in sorted(parts):
+            self.add(parts[q].selection, parts[q].requests, parts[q].prompt_ids)
+        return self
 
 
 @dataclass(frozen=True)
@@ -71,24 +100,52 @@ class Constructor:
     def _encode_chat(self, content: str) -> list[int]:
         return encode(self.tok, render_chat(self.tok, content, self.s.chat_template_kwargs))
 
-    def construct(self, out, step: int) -> tuple[list[Sample], StepMetrics]:
-        """``out`` is the step's ``RolloutOut`` with rewards filled in."""
-        samples = out.samples
-        rng = random.Random(f"{self.s.seed}:{self.info.rank}:{step}")
-        sel = select_pairs([s.reward for s in samples], [s.question for s in samples], n_pos=self.s.n_pos,
-                           n_neg=self.s.n_neg, m_max=self.s.m_max, rng=rng)
+    @property
+    def generates(self) -> bool:
+        """Whether the policy writes the constructions (then they can start inside the rollout)."""
+        return self.s.backend == "policy"
+
+    def plan(self, out, step: int, questions: Sequence[int]) -> Plan:
+        """Pairs and construction prompts of ``questions`` (indices into ``out.questions``, whose samples have
+        their rewards). Each question draws its pairs from its own random stream, so the plan of a question
+        does not depend on which others are planned with it, nor when."""
+        plan = Plan()
+        by_question: dict[int, list[int]] = {}
+        for i, s in enumerate(out.samples):
+            if s is not None:  # inside the rollout, questions still decoding have no samples yet
+                by_question.setdefault(s.question, []).append(i)
         problems = [q.example.problem for q in out.questions]
-        prompt_cache: dict[str, list[int]] = {}  # tokenised once, for the budget and for generation
+        for q in questions:
+            rows = by_question.get(q, [])
+            rng = random.Random(f"{self.s.seed}:{self.info.rank}:{step}:{q}")
+            sel = select_pairs([out.samples[i].reward for i in rows], [q] * len(rows), n_pos=self.s.n_pos,
+                               n_neg=self.s.n_neg, m_max=self.s.m_max, rng=rng)
+            pairs = [Pair(group=q, neg=rows[p.neg], pos=rows[p.pos]) for p in sel.pairs]
+            prompt_ids: dict[str, list[int]] = {}  # tokenised once, for the budget and for generation
 
-        def count(prompt: str) -> int:
-            prompt_cache[prompt] = self._encode_chat(prompt)
-            return len(prompt_cache[prompt])
+            def count(prompt: str) -> int:
+                prompt_ids[prompt] = self._encode_chat(prompt)
+                return len(prompt_ids[prompt])
 
-        reqs = build_requests(sel.pairs, problems, out.texts, template=self.s.template,
-                              budget_tokens=self.s.budget_tokens, count_tokens=count)
-        outputs = self.backend(ConstructionJob.of(reqs, problems, out.texts, [prompt_cache[p] for p in reqs.prompts],
+            reqs = build_requests(pairs, problems, out.texts, template=self.s.template,
+                                  budget_tokens=self.s.budget_tokens, count_tokens=count)
+            plan.add(sel, reqs, [prompt_ids[p] for p in reqs.prompts])
+        return plan
+
+    def construct(self, out, step: int) -> tuple[list[Sample], StepMetrics]:
+        """``out`` is the step's ``RolloutOut`` with rewards filled in: every construction after the rollout."""
+        plan = self.plan(out, step, range(len(out.questions)))
+        problems = [q.example.problem for q in out.questions]
+        outputs = self.backend(ConstructionJob.of(plan.requests, problems, out.texts, plan.prompt_ids,
                                                   step=step, rank=self.info.rank))
-        parsed = parse_outputs(reqs, outputs)
+        return self.complete(out, plan, outputs, step)
+
+    def complete(self, out, plan: Plan, outputs: Sequence[str], step: int,
+                 generated_tokens: int = 0) -> tuple[list[Sample], StepMetrics]:
+        """Parse, verify and assemble ``outputs`` (one per request of ``plan``, in its order)."""
+        self._generated_tokens += generated_tokens
+        samples = out.samples
+        parsed = parse_outputs(plan.requests, outputs)
         answers = [out.questions[p.group].example.answer for p in parsed.pairs]
         graded = None
         if parsed.items:
@@ -100,7 +157,8 @@ class Constructor:
             encode=lambda text: encode(self.tok, text), eos_id=self.tok.eos_token_id,
             construction=self.s.construction, prefix=self.s.prefix, keep_failed=self.s.keep_failed,
             response_ids=[s.response_ids for s in samples],
-            decode=lambda ids: self.tok.decode(ids, skip_special_tokens=False), selection=sel, requests=reqs)
+            decode=lambda ids: self.tok.decode(ids, skip_special_tokens=False), selection=plan.selection,
+            requests=plan.requests)
         constructed = [Sample(prompt_ids=c.prompt_ids, response_ids=c.response_ids,
                               group_id=samples[c.pair.neg].group_id, reward=c.reward, question=c.group,
                               constructed=True) for c in result.samples]

@@ -45,7 +45,21 @@ def generate(rollout, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sam
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     if device is not None:
         ids, mask = ids.to(device), mask.to(device)
-    res = rollout.generate(RolloutRequest(ids, mask), sampling)
+    return _generated(rollout.generate(RolloutRequest(ids, mask), sampling), tokenizer, sampling)
+
+
+def generate_with_followups(rollout, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, follow,
+                            device=None):
+    """``generate`` whose decode also runs the follow-up rows ``follow`` asks for (``TapoRollout``'s
+    ``generate_with_followups``): returns the request's ``Generated`` and the follow-ups' ``FollowUpResult``."""
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    res, extra = rollout.generate_with_followups(RolloutRequest(ids, mask), sampling, follow)
+    return _generated(res, tokenizer, sampling), extra
+
+
+def _generated(res, tokenizer, sampling: SamplingConfig) -> Generated:
     if hasattr(res, "response_lengths"):  # tapo-ds's RolloutResult
         token_ids = [res.response_ids[i, :n].tolist() for i, n in enumerate(res.response_lengths.tolist())]
         truncated = [bool(t) for t in res.truncated.tolist()]

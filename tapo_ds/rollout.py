@@ -111,6 +111,12 @@ class TapoRollout(RolloutEngine):
         self._calls = 0
         self.last_sync_s = 0.0
 
+    @property
+    def rank_local(self) -> bool:
+        """Whether decoding runs without collectives (so ranks may run different numbers of forwards)."""
+        dist = _dist()
+        return not (self.zero3 and self.gather == "per_step" and dist is not None and dist.get_world_size() > 1)
+
     # ------------------------------------------------------------------ weights
 
     def sync_weights(self, step: int) -> None:

@@ -15,6 +15,8 @@ import torch
 from deepspeed.runtime.rollout.base import RolloutEngine, RolloutRequest, SamplingConfig
 from transformers import DynamicCache
 
+from tapo_ds.batch import left_pad
+from tapo_ds.decode_loop import FollowUpResult
 from tapo_ds.rollout import RolloutResult
 
 # (prompt text without padding, sample index k) -> response text (the stop token is appended)
@@ -23,6 +25,7 @@ Script = Callable[[str, int], str]
 
 class ScriptedRollout(RolloutEngine):
     name = "scripted"
+    rank_local = True  # no collectives: follow-up rows are possible
 
     def __init__(self, tokenizer, script: Script, stop_token_id: int, pad_token_id: int, model=None):
         self.tok, self.script = tokenizer, script
@@ -65,6 +68,29 @@ class ScriptedRollout(RolloutEngine):
             truncated=torch.tensor(truncated, dtype=torch.bool),
             prompt_index=torch.arange(len(prompts)).repeat_interleave(K),
             stats={"tokens": float(lengths.sum()), "wall_s": wall})
+
+    @torch.no_grad()
+    def generate_with_followups(self, request: RolloutRequest, sampling: SamplingConfig, follow):
+        """The scripted samples; their groups are reported last to first (completion out of request order, as
+        in a real decode), the follow-ups asked for after each report, then scripted in the order asked."""
+        res = self.generate(request, sampling)
+        K = sampling.n_samples_per_prompt
+        prompts: list[list[int]] = []
+        for q in reversed(range(request.prompt_ids.shape[0])):
+            rows = range(q * K, (q + 1) * K)
+            follow.group_done(q, [res.response_ids[i, :int(res.response_lengths[i])].tolist() for i in rows],
+                              [bool(res.truncated[i]) for i in rows])
+            prompts += follow.ready(block=False)
+        while more := follow.ready(block=True):
+            prompts += more
+        extra = FollowUpResult()
+        if prompts:
+            ids, mask = left_pad(prompts, self.pad_id)
+            one = SamplingConfig(max_new_tokens=follow.sampling.max_new_tokens, temperature=follow.sampling.temperature)
+            out = self.generate(RolloutRequest(ids, mask), one)
+            extra.token_ids = [out.response_ids[i, :n].tolist() for i, n in enumerate(out.response_lengths.tolist())]
+            extra.truncated = [bool(t) for t in out.truncated.tolist()]
+        return res, extra
 
     def _pay_decode_cost(self, request: RolloutRequest, response: torch.Tensor, K: int) -> None:
         model = getattr(self.model, "module", self.model)

@@ -77,7 +77,7 @@ def make_rl_trainer(cfg: Config, *, engine, info, tokenizer, rollout, grader, mo
         ots=OTS(t.ots_w_min, t.ots_w_max) if a.name == "tapo" and t.ots else None,
         overlong_window=cfg.reward.overlong_window, overlong_penalty=cfg.reward.overlong_penalty,
         mask_truncated=a.mask_truncated, dynamic_sampling=r.dynamic_sampling,
-        dynamic_sampling_max_rounds=r.dynamic_sampling_max_rounds)
+        dynamic_sampling_max_rounds=r.dynamic_sampling_max_rounds, constructions_in_rollout=t.in_rollout)
     constructor = None
     if a.name == "tapo":
         from tapo_ds.construct import Constructor

@@ -21,9 +21,11 @@ from deepspeed.runtime.rollout.base import SamplingConfig
 from tapo_ds.algorithms import AdvantageParams, get_advantage_estimator
 from tapo_ds.algorithms.dapo import informative, overlong_penalty
 from tapo_ds.batch import Sample, split_mini_batches
+from tapo_ds.construct import Plan
 from tapo_ds.data import PromptedExample, shard
 from tapo_ds.engine import all_reduce_
-from tapo_ds.generation import generate
+from tapo_ds.generation import generate, generate_with_followups
+from tapo_ds.in_rollout import GradeThenFollow
 from tapo_ds.metrics import StepMetrics
 from tapo_ds.trajectory import OTS
 from tapo_ds.update import LossSettings, optimizer_step, per_token_stats, update_metrics
@@ -39,6 +41,12 @@ def timed(name: str, metrics: StepMetrics):
 
 
 GRADE_COUNTS = ("correct", "timeouts", "errors", "no_box", "refused")
+
+
+def _add_counts(counts: dict[str, int], graded) -> None:
+    counts["correct"] += sum(graded.correct)
+    for k in GRADE_COUNTS[1:]:
+        counts[k] += getattr(graded, k)
 
 
 @dataclass
@@ -89,6 +97,7 @@ class RLSettings:
     mask_truncated: bool = False  # DAPO: truncated responses get no loss
     dynamic_sampling: bool = False  # DAPO: fill the step with informative groups
     dynamic_sampling_max_rounds: int = 3
+    constructions_in_rollout: bool = False  # TAPO: constructions start inside the rollout (tapo.in_rollout)
 
 
 class RLTrainer:
@@ -108,29 +117,82 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ phases
 
-    def rollout_phase(self, step: int, draw: int = 0) -> RolloutOut:
+    def _draw(self, step: int) -> list[PromptedExample]:
         indices = shard(self.sampler.next_indices(self.s.questions_per_step), self.info.rank, self.info.world_size)
-        questions = [self.train_data[i] for i in indices]
+        return [self.train_data[i] for i in indices]
+
+    def _sample(self, step: int, q: int, questions, ids: list[int], cut: bool, suffix: str = "") -> Sample:
+        return Sample(prompt_ids=questions[q].prompt_ids, response_ids=ids, group_id=f"s{step}r{self.info.rank}q{q}{suffix}",
+                      reward=0.0, question=q, in_loss=not (self.s.mask_truncated and cut))
+
+    def _reward(self, correct: bool, n_tokens: int) -> float:
+        """Correctness plus DAPO's overlong penalty where it is on."""
+        return float(correct) + overlong_penalty(n_tokens, self.s.sampling.max_new_tokens, self.s.overlong_window,
+                                                 self.s.overlong_penalty)
+
+    def rollout_phase(self, step: int, draw: int = 0) -> RolloutOut:
+        questions = self._draw(step)
         if draw == 0:
             self.rollout.sync_weights(step)
         out = generate(self.rollout, self.tok, [q.prompt_ids for q in questions], self.s.sampling, self.info.device)
         suffix = f"d{draw}" if draw else ""
-        samples = [Sample(prompt_ids=questions[q].prompt_ids, response_ids=ids,
-                          group_id=f"s{step}r{self.info.rank}q{q}{suffix}", reward=0.0, question=q,
-                          in_loss=not (self.s.mask_truncated and cut))
+        samples = [self._sample(step, q, questions, ids, cut, suffix)
                    for ids, q, cut in zip(out.token_ids, out.prompt_index, out.truncated)]
         return RolloutOut(questions, samples, out.texts, out.truncated)
 
     def reward_phase(self, out: RolloutOut) -> None:
-        """Grade every response; the reward is correctness plus DAPO's overlong penalty where it is on."""
+        """Grade every response."""
         answers = [out.questions[s.question].example.answer for s in out.samples]
         graded = self.grader.grade(list(zip(out.texts, answers)), require_box=True)
-        limit = self.s.sampling.max_new_tokens
         for sample, ok in zip(out.samples, graded.correct):
-            sample.reward = float(ok) + overlong_penalty(len(sample.response_ids), limit, self.s.overlong_window,
-                                                         self.s.overlong_penalty)
-        out.graded = {"correct": sum(graded.correct), "timeouts": graded.timeouts, "errors": graded.errors,
-                      "no_box": graded.no_box, "refused": graded.refused}
+            sample.reward = self._reward(ok, len(sample.response_ids))
+        out.graded = {k: 0 for k in GRADE_COUNTS}
+        _add_counts(out.graded, graded)
+
+    @property
+    def constructs_in_rollout(self) -> bool:
+        """TAPO's constructions start inside the rollout (``tapo.in_rollout``; see :meth:`fused_phase`): the
+        policy writes them, no dynamic sampling reorders the step, and the rollout decodes rank-locally."""
+        return (self.constructor is not None and self.constructor.generates and self.s.constructions_in_rollout
+                and not self.s.dynamic_sampling and getattr(self.rollout, "rank_local", False))
+
+    def fused_phase(self, step: int) -> tuple[RolloutOut, Plan, list[str], int, float]:
+        """Rollout, reward and the constructions' generation in one decode (tapo_ds.in_rollout): each
+        question is graded when its K samples have ended, its pairs selected, and its construction prompts
+        join the running batch. Returns the rollout (rewards in), the construction plan in question order,
+        its outputs, the tokens they took and the seconds the decode waited for grades."""
+        questions = self._draw(step)
+        self.rollout.sync_weights(step)
+        K, n = self.s.samples_per_question, len(questions) * self.s.samples_per_question
+        out = RolloutOut(questions, [None] * n, [""] * n, [False] * n)
+        parts: dict[int, Plan] = {}
+
+        def grade(q: int, token_ids: list[list[int]], truncated: list[bool]):
+            texts = [self.tok.decode(t, skip_special_tokens=True) for t in token_ids]
+            answer = questions[q].example.answer
+            return token_ids, truncated, texts, self.grader.grade([(t, answer) for t in texts], require_box=True)
+
+        def follow_up(q: int, graded) -> list[list[int]]:
+            token_ids, truncated, texts, result = graded
+            for j in range(K):
+                i = q * K + j
+                out.samples[i] = self._sample(step, q, questions, token_ids[j], truncated[j])
+                out.samples[i].reward = self._reward(result.correct[j], len(token_ids[j]))
+                out.texts[i], out.truncated[i] = texts[j], truncated[j]
+            _add_counts(out.graded, result)
+            parts[q] = self.constructor.plan(out, step, [q])
+            return parts[q].prompt_ids
+
+        with GradeThenFollow(self.constructor.s.sampling, grade, follow_up) as follow:
+            _, extra = generate_with_followups(self.rollout, self.tok, [q.prompt_ids for q in questions],
+                                               self.s.sampling, follow, self.info.device)
+        if any(s is None for s in out.samples):
+            raise RuntimeError("the rollout ended with questions whose samples were never graded")
+        by_question: dict[int, list[str]] = {}
+        for q, ids in zip(follow.started, extra.token_ids):
+            by_question.setdefault(q, []).append(self.tok.decode(ids, skip_special_tokens=True))
+        outputs = [text for q in sorted(parts) for text in by_question.get(q, [])]
+        return out, Plan().merged(parts), outputs, sum(len(t) for t in extra.token_ids), follow.wait_s
 
     def fill_phase(self, first: RolloutOut, step: int) -> tuple[RolloutOut, RolloutOut, StepMetrics]:
         """DAPO's dynamic sampling: ``(kept, drawn, metrics)``. Groups whose rewards are all equal are
@@ -222,11 +284,38 @@ class RLTrainer:
     def step(self, step: int) -> dict[str, float]:
         metrics = StepMetrics()
         start = time.perf_counter()
+        if self.constructs_in_rollout:
+            out, samples, generated = self._rollout_constructing(step, metrics)
+            drawn = out
+        else:
+            out, drawn, samples, generated = self._rollout_then_construct(step, metrics)
+        if self.teacher is None:
+            with timed("advantages", metrics):
+                metrics.update(self.advantage_phase(samples))
+            with timed("update", metrics):
+                metrics.update(self.update_phase(samples, step))
+        else:
+            with timed("update", metrics):
+                metrics.update(self.distill_phase(out))
+        metrics.local("timing/step", time.perf_counter() - start)
+        metrics.throughput("perf/tokens_per_s", generated, metrics["timing/rollout"])  # the rollout phase's
+        if torch.cuda.is_available() and self.info.device.type == "cuda":
+            metrics.max("perf/peak_gpu_mem_gb", torch.cuda.max_memory_allocated(self.info.device) / 2**30)
+        if self.s.text_every and step % self.s.text_every == 0:
+            self._log_text(drawn, step)
+        if self.evaluator is not None and self.evaluator.due(step):
+            with timed("eval", metrics):
+                metrics.update(self.evaluator.run(step))
+        return metrics.reduce(all_reduce_, self.info.device)
+
+    def _rollout_then_construct(self, step: int, metrics: StepMetrics):
+        """The phases one after another: (the step's groups, every drawn group, samples to train on, tokens the
+        rollout phase generated)."""
         with timed("rollout", metrics):
             out = self.rollout_phase(step)
         with timed("reward", metrics):
             self.reward_phase(out)
-        drawn, first_tokens = out, sum(len(s.response_ids) for s in out.samples)
+        drawn, generated = out, sum(len(s.response_ids) for s in out.samples)
         if self.s.dynamic_sampling:
             with timed("fill", metrics):
                 out, drawn, fmetrics = self.fill_phase(out, step)
@@ -238,24 +327,21 @@ class RLTrainer:
                 constructed, cmetrics = self.constructor.construct(out, step)
             samples += constructed
             metrics.update(cmetrics)
-        if self.teacher is None:
-            with timed("advantages", metrics):
-                metrics.update(self.advantage_phase(samples))
-            with timed("update", metrics):
-                metrics.update(self.update_phase(samples, step))
-        else:
-            with timed("update", metrics):
-                metrics.update(self.distill_phase(out))
-        metrics.local("timing/step", time.perf_counter() - start)
-        metrics.throughput("perf/tokens_per_s", first_tokens, metrics["timing/rollout"])  # the rollout phase's
-        if torch.cuda.is_available() and self.info.device.type == "cuda":
-            metrics.max("perf/peak_gpu_mem_gb", torch.cuda.max_memory_allocated(self.info.device) / 2**30)
-        if self.s.text_every and step % self.s.text_every == 0:
-            self._log_text(drawn, step)
-        if self.evaluator is not None and self.evaluator.due(step):
-            with timed("eval", metrics):
-                metrics.update(self.evaluator.run(step))
-        return metrics.reduce(all_reduce_, self.info.device)
+        return out, drawn, samples, generated
+
+    def _rollout_constructing(self, step: int, metrics: StepMetrics):
+        """TAPO with its constructions inside the rollout: ``timing/rollout`` is the whole decode (samples,
+        their grading, the constructions' generation), ``timing/construct`` what follows it (parse, verify,
+        assemble)."""
+        with timed("rollout", metrics):
+            out, plan, outputs, construction_tokens, wait_s = self.fused_phase(step)
+        metrics.local("timing/grade_wait", wait_s)
+        metrics.update(self.rollout_metrics(out))
+        with timed("construct", metrics):
+            constructed, cmetrics = self.constructor.complete(out, plan, outputs, step, construction_tokens)
+        metrics.update(cmetrics)
+        generated = sum(len(s.response_ids) for s in out.samples) + construction_tokens
+        return out, list(out.samples) + constructed, generated
 
     def distill_phase(self, out: RolloutOut) -> StepMetrics:
         """OPSD: teacher prompts (privileged information per sample), then one optimizer step."""

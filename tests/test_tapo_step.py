@@ -128,3 +128,40 @@ def test_several_updates_per_rollout_with_kl(tmp_path, grader):
     assert 0.01 <= m["tapo/ots_weight_mean"] <= 10.0
     assert m["actor/kl"] >= 0.0 and m["actor/kl"] < 1e-2  # k3 >= 0, and the policy barely moved
     assert m["actor/grad_norm"] > 0 and "actor/entropy" in m
+
+
+class PerQuestionScript(Script):
+    """Constructions cycle per question (not per call), so their texts do not depend on the order in
+    which questions are constructed."""
+
+    def __init__(self, n_right):
+        super().__init__(n_right)
+        self.per_question = {}
+
+    def __call__(self, prompt, k):
+        if "<reconstruction>" not in prompt:
+            return super().__call__(prompt, k)
+        self.calls += 1
+        gold = self.gold_of(prompt)
+        i = self.per_question[gold] = self.per_question.get(gold, -1) + 1
+        return CONSTRUCTIONS[i % len(CONSTRUCTIONS)].format(wrong_line="a mistake", gold=gold)
+
+
+def test_constructions_inside_the_rollout_change_only_the_schedule(tmp_path, grader):
+    """tapo.in_rollout: questions graded and constructed as they complete (here last to first) give the
+    step of the phases one after another: same pairs, constructions, rewards, loss and gradient."""
+    runs = {}
+    for fused in (False, True):
+        script = PerQuestionScript(3)
+        trainer, rollout, monitor = scripted_trainer(tmp_path / str(fused), grader,
+                                                     ["algorithm.name=tapo", f"tapo.in_rollout={fused}"], script)
+        assert trainer.constructs_in_rollout == fused
+        runs[fused] = trainer.step(1)
+        monitor.close()
+        assert script.calls == 8
+    phased, fused = runs[False], runs[True]
+    assert fused["tapo/pairs"] == 8 and fused["tapo/constructed_samples"] == 6
+    assert "timing/grade_wait" in fused and "timing/reward" not in fused
+    for key in sorted(phased):
+        if not key.startswith(("timing/", "perf/")):
+            assert fused[key] == phased[key], key
