@@ -117,8 +117,8 @@ class TapoConfig:
     max_new_tokens: int = _f(2048, lo=1)
     temperature: float = _f(1.0, lo=0.0)
     top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
-    in_rollout: bool = _f(True, doc="start a question's constructions inside the rollout, as soon as its samples "
-                                    "are graded (same method, another schedule); false: after the whole rollout")
+    in_rollout: bool = _f(False, doc="start a question's constructions inside the rollout, as soon as its samples "
+                                     "are graded (same method, another schedule); false: after the whole rollout")
     examples_every: int = _f(10, lo=0, doc="log full constructions as text every N steps")
     examples: int = _f(2, lo=0)
 
