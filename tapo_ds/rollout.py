@@ -112,10 +112,16 @@ class TapoRollout(RolloutEngine):
         self.last_sync_s = 0.0
 
     @property
-    def rank_local(self) -> bool:
-        """Whether decoding runs without collectives (so ranks may run different numbers of forwards)."""
+    def takes_followups(self) -> bool:
+        """Whether ``generate_with_followups`` can run: decoding without collectives (ranks may then run
+        different numbers of forwards) and a model whose layers all attend fully (a sliding-window cache
+        cannot take rows of another length)."""
         dist = _dist()
-        return not (self.zero3 and self.gather == "per_step" and dist is not None and dist.get_world_size() > 1)
+        if self.zero3 and self.gather == "per_step" and dist is not None and dist.get_world_size() > 1:
+            return False
+        config = self.module.config
+        return not getattr(config, "use_sliding_window", False) and all(
+            t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"]))
 
     # ------------------------------------------------------------------ weights
 

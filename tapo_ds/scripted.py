@@ -25,7 +25,7 @@ Script = Callable[[str, int], str]
 
 class ScriptedRollout(RolloutEngine):
     name = "scripted"
-    rank_local = True  # no collectives: follow-up rows are possible
+    takes_followups = True  # no collectives, no cache: follow-up rows are possible
 
     def __init__(self, tokenizer, script: Script, stop_token_id: int, pad_token_id: int, model=None):
         self.tok, self.script = tokenizer, script

@@ -114,6 +114,10 @@ class RLTrainer:
         self.evaluator = evaluator  # None: no in-training evaluation
         self.pad_id = tokenizer.pad_token_id
         self.estimator = get_advantage_estimator(settings.advantage) if teacher is None else None
+        if settings.constructions_in_rollout and constructor is not None and not self.constructs_in_rollout:
+            log.warning("tapo.in_rollout: constructions run after the rollout instead (it needs the policy as "
+                        "constructor, no dynamic sampling, and a rollout that can take follow-up rows: "
+                        "rollout.engine tapo, gather once on several ranks, no sliding-window attention)")
 
     # ------------------------------------------------------------------ phases
 
@@ -152,9 +156,9 @@ class RLTrainer:
     @property
     def constructs_in_rollout(self) -> bool:
         """TAPO's constructions start inside the rollout (``tapo.in_rollout``; see :meth:`fused_phase`): the
-        policy writes them, no dynamic sampling reorders the step, and the rollout decodes rank-locally."""
+        policy writes them, no dynamic sampling reorders the step, and the rollout can take follow-up rows."""
         return (self.constructor is not None and self.constructor.generates and self.s.constructions_in_rollout
-                and not self.s.dynamic_sampling and getattr(self.rollout, "rank_local", False))
+                and not self.s.dynamic_sampling and getattr(self.rollout, "takes_followups", False))
 
     def fused_phase(self, step: int) -> tuple[RolloutOut, Plan, list[str], int, float]:
         """Rollout, reward and the constructions' generation in one decode (tapo_ds.in_rollout): each
