@@ -37,26 +37,28 @@ class Generated:
         return rows
 
 
+def _request(tokenizer, prompts: Sequence[Sequence[int]], device) -> RolloutRequest:
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return RolloutRequest(ids, mask)
+
+
 def generate(rollout, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
              device=None) -> Generated:
     """One ``rollout.generate`` call over ``prompts`` (token ids without padding); none when there are none."""
     if not prompts:
         return Generated()
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    if device is not None:
-        ids, mask = ids.to(device), mask.to(device)
-    return _generated(rollout.generate(RolloutRequest(ids, mask), sampling), tokenizer, sampling)
+    return _generated(rollout.generate(_request(tokenizer, prompts, device), sampling), tokenizer, sampling)
 
 
 def generate_with_followups(rollout, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, follow,
                             device=None):
-    """``generate`` whose decode also runs the follow-up rows ``follow`` asks for (``TapoRollout``'s
-    ``generate_with_followups``): returns the request's ``Generated`` and the follow-ups' ``FollowUpResult``."""
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    if device is not None:
-        ids, mask = ids.to(device), mask.to(device)
-    res, extra = rollout.generate_with_followups(RolloutRequest(ids, mask), sampling, follow)
-    return _generated(res, tokenizer, sampling), extra
+    """One decode of ``prompts`` that also runs the follow-up rows ``follow`` asks for (``TapoRollout``'s
+    ``generate_with_followups``). The request's samples reach the caller through ``follow.group_done``, so
+    they are not decoded again here; returns the follow-ups' ``FollowUpResult``."""
+    _, extra = rollout.generate_with_followups(_request(tokenizer, prompts, device), sampling, follow)
+    return extra
 
 
 def _generated(res, tokenizer, sampling: SamplingConfig) -> Generated:

@@ -188,8 +188,8 @@ class RLTrainer:
             return parts[q].prompt_ids
 
         with GradeThenFollow(self.constructor.s.sampling, grade, follow_up) as follow:
-            _, extra = generate_with_followups(self.rollout, self.tok, [q.prompt_ids for q in questions],
-                                               self.s.sampling, follow, self.info.device)
+            extra = generate_with_followups(self.rollout, self.tok, [q.prompt_ids for q in questions],
+                                            self.s.sampling, follow, self.info.device)
         if any(s is None for s in out.samples):
             raise RuntimeError("the rollout ended with questions whose samples were never graded")
         by_question: dict[int, list[str]] = {}
