@@ -119,6 +119,11 @@ class TapoConfig:
     top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
     in_rollout: bool = _f(False, doc="start a question's constructions inside the rollout, as soon as its samples "
                                      "are graded (same method, another schedule); false: after the whole rollout")
+    lookup_draft_tokens: int = _f(0, lo=0, doc="constructions verify up to this many tokens copied from their prompt "
+                                                "per forward (prompt-lookup drafts: same distribution, fewer "
+                                                "forwards, each wider; 0 = off, measured slower on CPU)")
+    lookup_min_match: int = _f(3, lo=1, doc="a draft is copied from where the last N written tokens recur in the "
+                                            "construction prompt")
     examples_every: int = _f(10, lo=0, doc="log full constructions as text every N steps")
     examples: int = _f(2, lo=0)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 from deepspeed.runtime.rollout.base import SamplingConfig
 
 from tapo_ds.batch import Sample
 from tapo_ds.data import encode, render_chat
 from tapo_ds.generation import generate
+from tapo_ds.lookup_draft import LookupDraft
 from tapo_ds.metrics import StepMetrics
 from tapo_ds.trajectory import (
     ConstructionRequests,
@@ -73,6 +74,7 @@ class ConstructSettings:
     seed: int
     backend: str  # who writes the constructions: a name of tapo_ds.trajectory.backends
     oracle_accuracy: float
+    lookup: LookupDraft = field(default_factory=lambda: LookupDraft(tokens=0))  # prompt-lookup drafts (0: off)
 
 
 class Constructor:
@@ -83,6 +85,7 @@ class Constructor:
             generate=self._generate, construction=settings.construction, seed=settings.seed,
             oracle_accuracy=settings.oracle_accuracy))
         self._generated_tokens = 0  # by the policy for this step's constructions
+        self._drafts = [0, 0]  # prompt-lookup draft tokens proposed and kept for them
 
     @classmethod
     def from_config(cls, cfg, **parts) -> "Constructor":
@@ -95,10 +98,19 @@ class Constructor:
             budget_tokens=t.max_prompt_tokens, sampling=sampling_of(t, 1), construction=t.construction, prefix=t.prefix,
             keep_failed=t.keep_failed_constructions,
             chat_template_kwargs=cfg.model.chat_template_kwargs, examples_every=t.examples_every,
-            examples=t.examples, seed=cfg.seed, backend=t.constructor, oracle_accuracy=t.oracle_accuracy), **parts)
+            examples=t.examples, seed=cfg.seed, backend=t.constructor, oracle_accuracy=t.oracle_accuracy,
+            lookup=LookupDraft(tokens=t.lookup_draft_tokens, min_match=t.lookup_min_match,
+                               max_match=max(16, t.lookup_min_match))), **parts)
 
     def _encode_chat(self, content: str) -> list[int]:
         return encode(self.tok, render_chat(self.tok, content, self.s.chat_template_kwargs))
+
+    @property
+    def lookup(self) -> Optional[LookupDraft]:
+        """The drafts the constructions' decode verifies, when it can (see :mod:`tapo_ds.lookup_draft`)."""
+        if not self.s.lookup.on or not getattr(self.rollout, "takes_lookup", False):
+            return None
+        return self.s.lookup
 
     @property
     def generates(self) -> bool:
@@ -168,15 +180,25 @@ class Constructor:
 
     def _generate(self, prompts: list[list[int]]) -> list[str]:
         """All constructions of the step in one call (the weights were synced for the rollout)."""
-        out = generate(self.rollout, self.tok, prompts, self.s.sampling, self.info.device)
+        out = generate(self.rollout, self.tok, prompts, self.s.sampling, self.info.device, lookup=self.lookup)
         self._generated_tokens += sum(out.lengths)
+        self.count_drafts(int(out.stats.get("draft_tokens", 0)), int(out.stats.get("draft_accepted", 0)))
         return out.texts
+
+    def count_drafts(self, proposed: int, kept: int) -> None:
+        """Prompt-lookup draft tokens of this step's construction decode (logged when drafts are on)."""
+        self._drafts[0] += proposed
+        self._drafts[1] += kept
 
     def _metrics(self, stats: ConstructionStats, graded) -> StepMetrics:
         m = StepMetrics()
         stats.add_to(m)
         m.sum("tapo/generated_tokens", self._generated_tokens)  # what the constructions cost in decoding
         self._generated_tokens = 0
+        if self.lookup is not None:
+            m.sum("tapo/draft_tokens", self._drafts[0])
+            m.sum("tapo/draft_accepted", self._drafts[1])
+        self._drafts = [0, 0]
         if graded is not None:
             m.local("tapo/grade_timeouts", graded.timeouts)
         return m

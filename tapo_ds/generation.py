@@ -24,6 +24,7 @@ class Generated:
     texts: list[str] = field(default_factory=list)  # decoded without special tokens
     truncated: list[bool] = field(default_factory=list)  # no stop token within max_new_tokens
     prompt_index: list[int] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # the rollout engine's, where it reports any
 
     @property
     def lengths(self) -> list[int]:
@@ -45,11 +46,14 @@ def _request(tokenizer, prompts: Sequence[Sequence[int]], device) -> RolloutRequ
 
 
 def generate(rollout, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-             device=None) -> Generated:
-    """One ``rollout.generate`` call over ``prompts`` (token ids without padding); none when there are none."""
+             device=None, lookup=None) -> Generated:
+    """One ``rollout.generate`` call over ``prompts`` (token ids without padding); none when there are none.
+    ``lookup``: prompt-lookup drafts (:mod:`tapo_ds.lookup_draft`), for a rollout that ``takes_lookup``."""
     if not prompts:
         return Generated()
-    return _generated(rollout.generate(_request(tokenizer, prompts, device), sampling), tokenizer, sampling)
+    request = _request(tokenizer, prompts, device)
+    res = rollout.generate(request, sampling) if lookup is None else rollout.generate(request, sampling, lookup)
+    return _generated(res, tokenizer, sampling)
 
 
 def generate_with_followups(rollout, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, follow,
@@ -71,7 +75,7 @@ def _generated(res, tokenizer, sampling: SamplingConfig) -> Generated:
                                                                  sampling.n_samples_per_prompt)
     return Generated(token_ids=token_ids,
                      texts=[tokenizer.decode(t, skip_special_tokens=True) for t in token_ids],
-                     truncated=truncated, prompt_index=prompt_index)
+                     truncated=truncated, prompt_index=prompt_index, stats=dict(getattr(res, "stats", None) or {}))
 
 
 def _from_rollout_batch(res, eos_token_id: int, k: int) -> tuple[list[list[int]], list[bool], list[int]]:

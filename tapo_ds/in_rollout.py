@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from deepspeed.runtime.rollout.base import SamplingConfig
+
+from tapo_ds.lookup_draft import LookupDraft
 
 
 class GradeThenFollow:
     """``grade(q, token_ids, truncated)`` runs in the background when question q's samples have ended;
     ``follow_up(q, graded)`` runs in the decoding thread with its result and returns the prompts to
-    start for q (possibly none)."""
+    start for q (possibly none); ``lookup``: the follow-up rows verify prompt-lookup drafts."""
 
     def __init__(self, sampling: SamplingConfig, grade: Callable[[int, list[list[int]], list[bool]], Any],
-                 follow_up: Callable[[int, Any], list[list[int]]]):
-        self.sampling = sampling
+                 follow_up: Callable[[int, Any], list[list[int]]], lookup: Optional[LookupDraft] = None):
+        self.sampling, self.lookup = sampling, lookup
         self._grade, self._follow_up = grade, follow_up
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade")
         self._pending: dict[int, Future] = {}

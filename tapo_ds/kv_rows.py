@@ -22,14 +22,14 @@ def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 
 def joinable(cache: DynamicCache) -> bool:
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    return all(isinstance(layer, DynamicLayer) and not layer.is_sliding for layer in cache.layers)
 
 
 def join(cache: DynamicCache, attn: torch.Tensor, new_cache: DynamicCache,
          new_attn: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
     """``cache``'s rows then ``new_cache``'s, in ``cache`` (changed in place); masks ``[rows, length]``."""
     if not (joinable(cache) and joinable(new_cache)):
-        raise NotImplementedError("only full-attention KV caches (DynamicLayer) can be joined")
+        raise NotImplementedError("only full-attention KV caches (DynamicLayer and its growing kind) can be joined")
     if len(cache.layers) != len(new_cache.layers):
         raise ValueError(f"caches of {len(cache.layers)} and {len(new_cache.layers)} layers")
     la, lb = attn.shape[1], new_attn.shape[1]

@@ -36,6 +36,7 @@ import transformers
 from deepspeed.runtime.rollout.base import RolloutBatch, RolloutEngine, RolloutRequest, SamplingConfig
 
 from tapo_ds.decode_loop import FollowUpResult, FollowUps, _DecodeLoop, sample_next_token
+from tapo_ds.lookup_draft import LookupDraft
 from tapo_ds.plain_linear import plain_linear
 
 __all__ = ["FollowUpResult", "FollowUps", "RolloutResult", "TapoRollout", "sample_next_token"]
@@ -119,6 +120,12 @@ class TapoRollout(RolloutEngine):
         dist = _dist()
         if self.zero3 and self.gather == "per_step" and dist is not None and dist.get_world_size() > 1:
             return False
+        return self.takes_lookup
+
+    @property
+    def takes_lookup(self) -> bool:
+        """Whether ``generate`` can verify prompt-lookup drafts: a model whose layers all attend fully (the
+        positions a row did not keep stay in its cache, masked, which a sliding window would count)."""
         config = self.module.config
         return not getattr(config, "use_sliding_window", False) and all(
             t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"]))
@@ -183,14 +190,17 @@ class TapoRollout(RolloutEngine):
     # ------------------------------------------------------------------ generate
 
     @torch.no_grad()
-    def generate(self, request: RolloutRequest, sampling: SamplingConfig) -> RolloutResult:
-        """K = ``sampling.n_samples_per_prompt`` samples per request row (see RolloutResult).
+    def generate(self, request: RolloutRequest, sampling: SamplingConfig,
+                 lookup: Optional[LookupDraft] = None) -> RolloutResult:
+        """K = ``sampling.n_samples_per_prompt`` samples per request row (see RolloutResult); ``lookup``:
+        verify drafts copied from each row's prompt (:mod:`tapo_ds.lookup_draft`: the same distribution in
+        fewer forwards, for text that copies its prompt).
 
         Collectives under ZeRO-3: with "per_step" every call is one (all ranks must call it
         together); with "once" a call is rank-local unless the copy is stale (never filled,
         or ``engine.global_steps`` moved since the last gather), in which case it re-gathers
         first, so call ``sync_weights`` on every rank at the start of each phase."""
-        result, _ = self._run(request, sampling, None)
+        result, _ = self._run(request, sampling, None, lookup)
         return result
 
     @torch.no_grad()
@@ -200,10 +210,11 @@ class TapoRollout(RolloutEngine):
         request row have all ended, ``follow.group_done`` gets them; the prompts ``follow.ready`` returns
         are prefilled and decoded (with ``follow.sampling``) in the slots finished rows freed. The call
         returns once nothing runs and ``follow.ready(block=True)`` has nothing more. Rank-local only
-        (not with ``gather="per_step"`` on several ranks: their forward counts would differ)."""
-        return self._run(request, sampling, follow)
+        (not with ``gather="per_step"`` on several ranks: their forward counts would differ). The follow-up
+        rows verify prompt-lookup drafts when ``follow`` has a ``lookup`` (see ``generate``)."""
+        return self._run(request, sampling, follow, getattr(follow, "lookup", None), lookup_kinds=(1,))
 
-    def _run(self, request: RolloutRequest, sampling: SamplingConfig, follow):
+    def _run(self, request: RolloutRequest, sampling: SamplingConfig, follow, lookup=None, lookup_kinds=(0,)):
         if sampling.max_new_tokens <= 0 or sampling.n_samples_per_prompt <= 0:
             raise ValueError("sampling.max_new_tokens and n_samples_per_prompt must be positive")
         if request.prompt_ids.shape[0] == 0:
@@ -241,7 +252,7 @@ class TapoRollout(RolloutEngine):
         try:
             with plain_linear():
                 loop = _DecodeLoop(module, self.stop_token_ids, self.pad_token_id, self.compact_fraction,
-                                   sampling, follow, generator, lockstep)
+                                   sampling, follow, generator, lockstep, lookup, lookup_kinds)
                 loop.run(request)
         finally:
             module.train(was_training)
@@ -266,6 +277,8 @@ class TapoRollout(RolloutEngine):
             "decode_steps": float(counters["decode_steps"]),
             "row_steps": float(counters["row_steps"]),  # rows x forwards actually computed
             "compactions": float(counters["compactions"]),
+            "draft_tokens": float(counters["draft_tokens"]),  # proposed by prompt lookup (0 without it)
+            "draft_accepted": float(counters["draft_accepted"]),
             "wall_s": wall,
             "useful_tokens_per_s": tokens / wall if wall > 0 else 0.0,
             "mean_length": tokens / N,

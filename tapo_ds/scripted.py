@@ -13,10 +13,10 @@ from typing import Callable
 
 import torch
 from deepspeed.runtime.rollout.base import RolloutEngine, RolloutRequest, SamplingConfig
-from transformers import DynamicCache
 
 from tapo_ds.batch import left_pad
 from tapo_ds.decode_loop import FollowUpResult
+from tapo_ds.growing_cache import growing_cache
 from tapo_ds.rollout import RolloutResult
 
 # (prompt text without padding, sample index k) -> response text (the stop token is appended)
@@ -98,7 +98,7 @@ class ScriptedRollout(RolloutEngine):
         mask = request.prompt_attention_mask.to(device).long().repeat_interleave(K, dim=0)
         ids = request.prompt_ids.to(device).repeat_interleave(K, dim=0)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
+        cache = growing_cache(model.config)
         model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
               logits_to_keep=1)
         next_pos = pos[:, -1] + 1

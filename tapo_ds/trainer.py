@@ -187,11 +187,12 @@ class RLTrainer:
             parts[q] = self.constructor.plan(out, step, [q])
             return parts[q].prompt_ids
 
-        with GradeThenFollow(self.constructor.s.sampling, grade, follow_up) as follow:
+        with GradeThenFollow(self.constructor.s.sampling, grade, follow_up, self.constructor.lookup) as follow:
             extra = generate_with_followups(self.rollout, self.tok, [q.prompt_ids for q in questions],
                                             self.s.sampling, follow, self.info.device)
         if any(s is None for s in out.samples):
             raise RuntimeError("the rollout ended with questions whose samples were never graded")
+        self.constructor.count_drafts(extra.draft_tokens, extra.draft_accepted)
         by_question: dict[int, list[str]] = {}
         for q, ids in zip(follow.started, extra.token_ids):
             by_question.setdefault(q, []).append(self.tok.decode(ids, skip_special_tokens=True))

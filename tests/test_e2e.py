@@ -100,13 +100,14 @@ def test_resume_matches_uninterrupted(tmp_path):
 def test_two_ranks_zero3(tmp_path):
     """TAPO on 2 ZeRO-3 ranks from the shipped cold-start checkpoint, so constructions really fire and the
     ranks hold different numbers of samples (uneven micro-batch counts must stay in step); with the
-    constructions inside the rollout, so the ranks also decode different numbers of steps."""
+    constructions inside the rollout, so the ranks also decode different numbers of steps, and verifying
+    prompt-lookup drafts."""
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "tapo_ds" / "main.py"),
            "--config", str(REPO / "configs" / "quickstart.yaml")]
     for s in (f"output_dir={tmp_path}", "name=two", "total_steps=2", "data.limit=64", "evaluation.at_start=false",
               "evaluation.every=2", "evaluation.limit=8", "evaluation.samples=2", "evaluation.ks=[1,2]",
               "logging.progress_bar=false", "checkpoint.every=0", "torch_threads=1", "reward.num_workers=1",
-              "tapo.in_rollout=true"):
+              "tapo.in_rollout=true", "tapo.lookup_draft_tokens=4"):
         cmd += ["--set", s]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -115,6 +116,7 @@ def test_two_ranks_zero3(tmp_path):
     assert "2 rank(s)" in proc.stdout + proc.stderr
     assert sum(r["tapo/constructed_samples"] for r in rows) > 0
     assert all("timing/grade_wait" in r for r in rows)
+    assert 0 < sum(r["tapo/draft_accepted"] for r in rows) <= sum(r["tapo/draft_tokens"] for r in rows)
     assert "eval/test/pass@2" in rows[-1]
 
 

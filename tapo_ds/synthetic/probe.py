@@ -62,6 +62,22 @@ def reflection_located(question: str, wrong: str, reconstruction: str) -> bool |
     return lines(reconstruction[:pos]) == lines(diagnosis.prefix)
 
 
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def reflection_at_first_difference(wrong: str, right: str, reconstruction: str) -> bool | None:
+    """Whether the reflection comes right after the first line where y⁻ and y⁺ differ (what a constructor
+    that compares the two answers line by line finds; the first wrong step of y⁻ only when y⁺'s steps are
+    right). None when one answer is the other's beginning (no differing line)."""
+    a, b = _lines(wrong), _lines(right)
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if first is None:
+        return None
+    pos = find_reflection(reconstruction, wrong=wrong)
+    return pos is not None and len(_lines(reconstruction[:pos])) == first + 1
+
+
 @dataclass
 class ProbeReport:
     questions: int = 0
@@ -72,6 +88,11 @@ class ProbeReport:
     skipped_long: int = 0
     parse_rate: float | None = None
     reflection_located: float | None = None   # over parsed constructions whose y⁻ has a readable mistake
+    # diagnostics of the location: y⁺ whose every step is right (not only its answer), the location over those
+    # pairs, and the reflection placed after the first line where y⁻ and y⁺ differ
+    right_steps_correct: float | None = None
+    reflection_located_steps_correct: float | None = None
+    reflection_at_first_difference: float | None = None
     prefix_fidelity_median: float | None = None
     prefix_fidelity_mean: float | None = None
     construction_acc: float | None = None
@@ -101,6 +122,11 @@ class ProbeReport:
         ]
         out = ["| measure | value | target |", "|---|---|---|"]
         out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        out.append("")
+        out.append(f"Location diagnostics: y⁺ with every step right (not only its answer) in "
+                   f"{pct(self.right_steps_correct)} of the pairs; over those, the reflection right after the first "
+                   f"wrong step of y⁻ in {pct(self.reflection_located_steps_correct)}; over all pairs, the reflection "
+                   f"right after the first line where y⁻ and y⁺ differ in {pct(self.reflection_at_first_difference)}.")
         out.append("")
         out.append(f"{self.questions} held-out questions x {self.samples_per_question} samples (rollout accuracy "
                    f"{pct(self.rollout_acc)}), {self.candidates} DCS candidates, {self.pairs} pairs "
@@ -141,12 +167,20 @@ def summarize(questions: Sequence[str], texts: Sequence[Sequence[str]], rewards:
         rep.parse_rate = parsed.n_parsed / len(reqs.pairs)
     verdicts = synthetic_grader([(c.reconstruction, answers[p.group]) for p, c in zip(parsed.pairs, parsed.items)])
     fidelity, located, by_group = [], [], {}
+    clean, located_clean, at_difference = [], [], []
     for pair, item, ok in zip(parsed.pairs, parsed.items, verdicts):
-        wrong = flat[pair.neg]
+        wrong, right = flat[pair.neg], flat[pair.pos]
         fidelity.append(prefix_fidelity(item.reconstruction, wrong))
         where = reflection_located(questions[pair.group], wrong, item.reconstruction)
+        steps_right = diagnose(questions[pair.group], right) is None
+        clean.append(steps_right)
         if where is not None:
             located.append(where)
+            if steps_right:
+                located_clean.append(where)
+        at = reflection_at_first_difference(wrong, right, item.reconstruction)
+        if at is not None:
+            at_difference.append(at)
         by_group.setdefault(pair.group, []).append(bool(ok))
         if len(rep.examples) < n_examples:
             rep.examples.append({"question": questions[pair.group], "wrong": wrong, "right": flat[pair.pos],
@@ -158,6 +192,12 @@ def summarize(questions: Sequence[str], texts: Sequence[Sequence[str]], rewards:
         rep.construction_acc = sum(verdicts) / len(verdicts)
     if located:
         rep.reflection_located = sum(located) / len(located)
+    if clean:
+        rep.right_steps_correct = sum(clean) / len(clean)
+    if located_clean:
+        rep.reflection_located_steps_correct = sum(located_clean) / len(located_clean)
+    if at_difference:
+        rep.reflection_at_first_difference = sum(at_difference) / len(at_difference)
     groups = [g for g in by_group.values() if len(g) >= 2]
     rep.reflected_groups = len(groups)
     if groups:
