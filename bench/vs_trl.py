@@ -94,6 +94,7 @@ def run_tapo(model: Path, data: Path, a, tmp: Path, env: dict) -> dict:
             f"name={name}", "overwrite=true", f"seed={a.seed}"]
     if a.gradient_checkpointing != "defaults":
         sets.append(f"model.gradient_checkpointing={str(a.gradient_checkpointing == 'on').lower()}")
+    sets += a.tapo_set
     cmd = [sys.executable, "tapo_ds/main.py", "--config", "configs/quickstart.yaml"]
     cmd += [x for s in sets for x in ("--set", s)]
     wall, rss = timed_child(cmd, env)
@@ -129,6 +130,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--gradient-checkpointing", choices=["defaults", "on", "off"], default="defaults",
                    help="defaults: each system's own (tapo-ds off, TRL on); on/off: both the same")
+    p.add_argument("--tapo-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for tapo-ds's runs only, e.g. deepspeed.config=ds_configs/zero2_cpu.json")
     a = p.parse_args()
     ensure_trl()
     data = questions_file(a.pool)
@@ -150,7 +153,7 @@ def main() -> None:
                           f"reward {statistics.mean(res['reward']):.3f}", flush=True)
     print(f"\nB={a.questions} K={a.samples} max_new_tokens={a.max_new_tokens}, {a.steps - 1} timed steps per run, "
           f"{a.rounds} round(s), gradient checkpointing: {a.gradient_checkpointing}; medians over all timed steps "
-          f"of all rounds")
+          f"of all rounds; tapo-ds overrides: {a.tapo_set or 'none'}")
     print("| model | system | step time (s) | peak RSS (GB) | response length | reward |")
     print("|---|---|---|---|---|---|")
     for m in a.models:

@@ -584,6 +584,25 @@ def test_reflection_located():
     assert reflection_located(Q4, Problem(4, (("+", 3), ("-", 3), ("-", 3), ("+", 7))).solution, good) is None
 
 
+def test_location_diagnostics():
+    from tapo_ds.synthetic.probe import reflection_at_first_difference, reflection_offset
+
+    wrong = "Step 1: 4+3=7\nStep 2: 7-3=5\nStep 3: 5-3=2\nStep 4: 2+7=9\nFinal Answer: \\boxed{9}"
+    right = "Step 1: 4+3=7\nStep 2: 7-3=4\nStep 3: 4-3=1\nStep 4: 1+7=8\nFinal Answer: \\boxed{8}"
+    lucky = "Step 1: 4+3=8\nStep 2: 8-3=4\nStep 3: 4-3=1\nStep 4: 1+7=8\nFinal Answer: \\boxed{8}"
+    good = "Step 1: 4+3=7\nStep 2: 7-3=5\nWait, let me double-check step 2: 7-3=4.\nStep 3: 4-3=1\nStep 4: 1+7=8"
+    late = "Step 1: 4+3=7\nStep 2: 7-3=5\nStep 3: 5-3=2\nWait, let me double-check step 3: 4-3=1.\nStep 4: 1+7=8"
+    early = "Step 1: 4+3=7\nWait, let me double-check step 1: 4+3=7.\nStep 2: 7-3=4\nStep 3: 4-3=1\nStep 4: 1+7=8"
+    assert [reflection_offset(Q4, wrong, c) for c in (good, late, early)] == [0, 1, -1]
+    assert reflection_offset(Q4, wrong, "Step 1: 4+3=7") == "no reflection"
+    assert reflection_offset(Q4, right, good) == "no mistake"
+    assert reflection_at_first_difference(wrong, right, good) is True
+    # y⁺ right by luck (its step 1 is wrong): comparing with it points at step 1, not at y⁻'s mistake
+    assert reflection_at_first_difference(wrong, lucky, good) is False
+    assert reflection_at_first_difference(wrong, lucky, "Step 1: 4+3=7\nWait, let me double-check step 1: 4+3=8.")
+    assert reflection_at_first_difference(wrong, wrong, good) is None
+
+
 def _sampled(n_questions=30, seed=0):
     """Scripted K=8 answers per question: right ones and model-like wrong ones (some with own checks)."""
     from tapo_ds.synthetic.mix import with_check
@@ -622,7 +641,9 @@ def test_probe_measures_with_the_rule_constructor_standing_in():
     assert rep.candidates == 30 and rep.pairs == 120
     assert rep.parse_rate == 1.0 and rep.construction_acc == 1.0
     assert rep.prefix_fidelity_median == 1.0 and rep.prefix_fidelity_mean == 1.0
-    assert rep.reflection_located == 1.0
+    assert rep.reflection_located == 1.0 and rep.reflection_offsets == {"0": 1.0}
+    assert rep.right_steps_correct == 1.0 and rep.reflection_located_steps_correct == 1.0
+    assert rep.reflection_at_first_difference == 1.0
     assert rep.reflected_groups == 30 and rep.reflected_mixed_frac == 0.0  # all right: no group is mixed
     assert "| output parses | 100.0 % |" in rep.table()
     # a constructor that fails every other time: half the outputs do not parse

@@ -25,6 +25,7 @@ the project's own decode loop (``TapoRollout``).
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 import statistics
@@ -35,6 +36,7 @@ from typing import Callable, Sequence
 
 from ..trajectory import build_requests, find_reflection, parse_outputs, prefix_fidelity, select_pairs
 from .constructor import diagnose, rule_constructor
+from .task import parse_step
 from .mix import synthetic_grader
 
 DEFAULT_TEST_FILE = "data/synthetic/test.jsonl"
@@ -49,17 +51,20 @@ def reflection_located(question: str, wrong: str, reconstruction: str) -> bool |
     text before the reflection has as many non-blank lines as y⁻ up to and including its first
     wrong step. None when ``wrong`` has no readable mistake (nothing to locate).
     """
+    offset = reflection_offset(question, wrong, reconstruction)
+    return None if offset == "no mistake" else offset == 0
+
+
+def reflection_offset(question: str, wrong: str, reconstruction: str) -> int | str:
+    """Lines before the reflection minus lines of y⁻ up to and including its first wrong step (0: located;
+    +1: one line late); "no reflection", or "no mistake" when ``wrong`` has no readable mistake."""
     diagnosis = diagnose(question, wrong)
     if diagnosis is None:
-        return None
+        return "no mistake"
     pos = find_reflection(reconstruction, wrong=wrong)
     if pos is None:
-        return False
-
-    def lines(text: str) -> int:
-        return sum(1 for line in text.splitlines() if line.strip())
-
-    return lines(reconstruction[:pos]) == lines(diagnosis.prefix)
+        return "no reflection"
+    return len(_lines(reconstruction[:pos])) - len(_lines(diagnosis.prefix))
 
 
 def _lines(text: str) -> list[str]:
@@ -67,11 +72,12 @@ def _lines(text: str) -> list[str]:
 
 
 def reflection_at_first_difference(wrong: str, right: str, reconstruction: str) -> bool | None:
-    """Whether the reflection comes right after the first line where y⁻ and y⁺ differ (what a constructor
-    that compares the two answers line by line finds; the first wrong step of y⁻ only when y⁺'s steps are
-    right). None when one answer is the other's beginning (no differing line)."""
-    a, b = _lines(wrong), _lines(right)
-    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    """Whether the reflection comes right after the first step line where y⁻ and y⁺ differ (what a
+    constructor that compares the two answers step by step finds; the first wrong step of y⁻ only when y⁺'s
+    steps are right). Re-check lines are not compared. None when no step line differs."""
+    a = [(i, line) for i, line in enumerate(_lines(wrong)) if parse_step(line) is not None]
+    b = [line for line in _lines(right) if parse_step(line) is not None]
+    first = next((i for (i, x), y in zip(a, b) if x != y), None)
     if first is None:
         return None
     pos = find_reflection(reconstruction, wrong=wrong)
@@ -90,6 +96,7 @@ class ProbeReport:
     reflection_located: float | None = None   # over parsed constructions whose y⁻ has a readable mistake
     # diagnostics of the location: y⁺ whose every step is right (not only its answer), the location over those
     # pairs, and the reflection placed after the first line where y⁻ and y⁺ differ
+    reflection_offsets: dict = field(default_factory=dict)  # reflection_offset -> share of the parsed pairs
     right_steps_correct: float | None = None
     reflection_located_steps_correct: float | None = None
     reflection_at_first_difference: float | None = None
@@ -126,7 +133,9 @@ class ProbeReport:
         out.append(f"Location diagnostics: y⁺ with every step right (not only its answer) in "
                    f"{pct(self.right_steps_correct)} of the pairs; over those, the reflection right after the first "
                    f"wrong step of y⁻ in {pct(self.reflection_located_steps_correct)}; over all pairs, the reflection "
-                   f"right after the first line where y⁻ and y⁺ differ in {pct(self.reflection_at_first_difference)}.")
+                   f"right after the first line where y⁻ and y⁺ differ in {pct(self.reflection_at_first_difference)}. "
+                   f"Where the reflection comes, in lines after y⁻'s first wrong step (0: right after it): "
+                   + ", ".join(f"{k}: {pct(v)}" for k, v in self.reflection_offsets.items()) + ".")
         out.append("")
         out.append(f"{self.questions} held-out questions x {self.samples_per_question} samples (rollout accuracy "
                    f"{pct(self.rollout_acc)}), {self.candidates} DCS candidates, {self.pairs} pairs "
@@ -168,10 +177,13 @@ def summarize(questions: Sequence[str], texts: Sequence[Sequence[str]], rewards:
     verdicts = synthetic_grader([(c.reconstruction, answers[p.group]) for p, c in zip(parsed.pairs, parsed.items)])
     fidelity, located, by_group = [], [], {}
     clean, located_clean, at_difference = [], [], []
+    offsets: collections.Counter = collections.Counter()
     for pair, item, ok in zip(parsed.pairs, parsed.items, verdicts):
         wrong, right = flat[pair.neg], flat[pair.pos]
         fidelity.append(prefix_fidelity(item.reconstruction, wrong))
-        where = reflection_located(questions[pair.group], wrong, item.reconstruction)
+        offset = reflection_offset(questions[pair.group], wrong, item.reconstruction)
+        where = None if offset == "no mistake" else offset == 0
+        offsets[str(offset) if isinstance(offset, str) or abs(offset) <= 2 else ("< -2" if offset < 0 else "> 2")] += 1
         steps_right = diagnose(questions[pair.group], right) is None
         clean.append(steps_right)
         if where is not None:
@@ -192,6 +204,9 @@ def summarize(questions: Sequence[str], texts: Sequence[Sequence[str]], rewards:
         rep.construction_acc = sum(verdicts) / len(verdicts)
     if located:
         rep.reflection_located = sum(located) / len(located)
+    if offsets:
+        total = sum(offsets.values())
+        rep.reflection_offsets = {k: v / total for k, v in sorted(offsets.items())}
     if clean:
         rep.right_steps_correct = sum(clean) / len(clean)
     if located_clean:
