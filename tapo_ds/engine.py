@@ -146,6 +146,11 @@ def build_inference_engine(model: torch.nn.Module, ds_config: dict):
     import deepspeed
 
     model.eval().requires_grad_(False)
+    zero = dict(ds_config.get("zero_optimization", {}))
+    if int(zero.get("stage", 0)) in (1, 2):
+        # ZeRO-1/2 partition optimizer states and gradients, which a frozen model has none of (and DeepSpeed
+        # refuses them without an optimizer): the weights are whole on every rank either way
+        ds_config = dict(ds_config, zero_optimization=dict(zero, stage=0))
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     return engine, _info(engine, False, "inference only")
 

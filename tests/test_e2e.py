@@ -107,6 +107,7 @@ def test_two_ranks_zero3(tmp_path):
     for s in (f"output_dir={tmp_path}", "name=two", "total_steps=2", "data.limit=64", "evaluation.at_start=false",
               "evaluation.every=2", "evaluation.limit=8", "evaluation.samples=2", "evaluation.ks=[1,2]",
               "logging.progress_bar=false", "checkpoint.every=0", "torch_threads=1", "reward.num_workers=1",
+              "deepspeed.config=ds_configs/zero3_cpu.json",
               "tapo.in_rollout=true", "tapo.lookup_draft_tokens=4"):
         cmd += ["--set", s]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
