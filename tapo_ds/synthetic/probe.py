@@ -36,10 +36,11 @@ from typing import Callable, Sequence
 
 from ..trajectory import build_requests, find_reflection, parse_outputs, prefix_fidelity, select_pairs
 from .constructor import diagnose, rule_constructor
-from .task import parse_step
 from .mix import synthetic_grader
+from .task import parse_step
 
 DEFAULT_TEST_FILE = "data/synthetic/test.jsonl"
+OFFSET_ORDER = ("< -2", "-2", "-1", "0", "1", "2", "> 2", "no reflection", "no mistake")
 
 
 def reflection_located(question: str, wrong: str, reconstruction: str) -> bool | None:
@@ -206,7 +207,7 @@ def summarize(questions: Sequence[str], texts: Sequence[Sequence[str]], rewards:
         rep.reflection_located = sum(located) / len(located)
     if offsets:
         total = sum(offsets.values())
-        rep.reflection_offsets = {k: v / total for k, v in sorted(offsets.items())}
+        rep.reflection_offsets = {k: offsets[k] / total for k in OFFSET_ORDER if k in offsets}
     if clean:
         rep.right_steps_correct = sum(clean) / len(clean)
     if located_clean:
