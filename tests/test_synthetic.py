@@ -672,3 +672,16 @@ def test_probe_cli_runs_on_a_tiny_model(tmp_path, capsys):
                      "--threads", "1", "--set", "rollout.max_new_tokens=8", "--set", "rollout.samples_per_question=6",
                      "--set", "tapo.max_new_tokens=8"]) == 0
     assert "| output parses |" in capsys.readouterr().out
+
+
+def test_injected_answers_are_gold_and_one_mistake_each():
+    from tapo_ds.synthetic.constructor import diagnose
+    from tapo_ds.synthetic.probe import injected_answers
+
+    qs = [p.text for p in problems(5, seed=3, steps=(3, 5), max_value=200)]
+    texts, rewards = injected_answers(qs, 8, seed=0)
+    assert [len(t) for t in texts] == [8] * 5 and all(r == [1.0, 1.0] + [0.0] * 6 for r in rewards)
+    for q, answers in zip(qs, texts):
+        assert all(diagnose(q, a) is None for a in answers[:2])       # gold: nothing to construct
+        assert all(diagnose(q, a) is not None for a in answers[2:])   # each wrong one has a readable mistake
+    assert injected_answers(qs, 8, seed=0) == (texts, rewards)        # seeded

@@ -142,14 +142,15 @@ def probe(args) -> int:
     from .probe import run_probe, write_report
 
     rep = run_probe(args.model, args.config, questions=args.questions, seed=args.seed, constructor=args.constructor,
-                    eval_samples=args.eval_samples, threads=args.threads, overrides=args.set)
+                    eval_samples=args.eval_samples, threads=args.threads, overrides=args.set, pairs=args.pairs)
     print(rep.table())
     print(json.dumps(asdict(rep)))
     if args.out:
         sets = "".join(f" --set {x}" for x in args.set)
         command = (f"python -m tapo_ds.synthetic probe-constructor --model {args.model} --config {args.config}{sets} "
                    f"--questions {args.questions} --seed {args.seed} --constructor {args.constructor} "
-                   f"--eval-samples {args.eval_samples} --out {args.out}")
+                   f"--eval-samples {args.eval_samples}{'' if args.pairs == 'own' else ' --pairs ' + args.pairs} "
+                   f"--out {args.out}")
         write_report(rep, args.out, command)
         print(f"wrote {args.out}")
     return 0
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--constructor", choices=("model", "rule"), default="model",
                    help="rule: the synthetic rule constructor stands in for the model")
     q.add_argument("--eval-samples", type=int, default=5, help="samples for pass@1 at evaluation.* (0 = skip)")
+    q.add_argument("--pairs", choices=("own", "injected"), default="own",
+                   help="own: the model's own wrong/right answers (the measure); injected: 2 gold and 6 rule-injected "
+                        "wrong answers per question, the cold start's training distribution (a diagnostic)")
     q.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
     q.add_argument("--out", default=None, help="markdown report (and the same name with .json)")
     q.set_defaults(func=probe)

@@ -221,9 +221,29 @@ def summarize(questions: Sequence[str], texts: Sequence[Sequence[str]], rewards:
     return rep
 
 
+PAIR_SOURCES = ("own", "injected")
+
+
+def injected_answers(problems: Sequence[str], samples: int, seed: int, right: int = 2) -> tuple[list, list]:
+    """Per problem ``right`` gold solutions and ``samples - right`` rule-injected wrong ones (the errors the cold
+    start's construction rows are built from), with their rewards: pairs from the cold start's training
+    distribution, to set against its own answers."""
+    from .errors import random_wrong_solution
+    from .task import parse_problem
+
+    rng = random.Random(f"injected:{seed}")
+    texts, rewards = [], []
+    for text in problems:
+        problem = parse_problem(text)
+        texts.append([problem.solution] * right + [random_wrong_solution(problem, rng).text
+                                                   for _ in range(samples - right)])
+        rewards.append([1.0] * right + [0.0] * (samples - right))
+    return texts, rewards
+
+
 def run_probe(model_path: str, config_path: str, *, questions: int, seed: int, constructor: str = "model",
               eval_samples: int = 5, threads: int = 0, overrides: Sequence[str] = (),
-              n_examples: int = 6) -> ProbeReport:
+              n_examples: int = 6, pairs: str = "own") -> ProbeReport:
     import torch
 
     from .. import modeling
@@ -255,8 +275,13 @@ def run_probe(model_path: str, config_path: str, *, questions: int, seed: int, c
                                 batch_questions=cfg.prefilter.batch_questions, device="cpu")
 
     rollout_sampling = sampling_of(r, r.samples_per_question)
-    texts, rewards = sample(rollout_sampling)
     problems = [q.example.problem for q in prompted]
+    if pairs == "own":
+        texts, rewards = sample(rollout_sampling)
+    elif pairs == "injected":
+        texts, rewards = injected_answers(problems, r.samples_per_question, seed)
+    else:
+        raise ValueError(f"--pairs: expected one of {PAIR_SOURCES}, got {pairs!r}")
     template = load_template(t.template or t.construction)
     cons_sampling = sampling_of(t, 1)
 
@@ -295,6 +320,7 @@ def run_probe(model_path: str, config_path: str, *, questions: int, seed: int, c
         rep.eval_pass_at_1 = sum(map(sum, ev)) / max(1, eval_samples * len(ev))
     rep.settings = {
         "model": model_path, "config": config_path, "test_file": test_file, "constructor": constructor,
+        "pairs": pairs,
         "seed": seed, "rollout": asdict(rollout_sampling),
         "construction": asdict(cons_sampling), "dcs": {"n_pos": t.n_pos, "n_neg": t.n_neg, "m_max": t.m_max},
         "evaluation": {"temperature": e.temperature, "top_p": e.top_p, "samples": eval_samples,
