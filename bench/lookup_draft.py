@@ -9,8 +9,10 @@ prompts; then the step's constructions are decoded in one call, as the trainer d
 drafts and with them (``tapo.lookup_draft_tokens`` / ``tapo.lookup_min_match``), ``--rounds`` times each,
 the order flipped every round. Both arms sample from the same distribution (the drafts are verified by
 speculative sampling), so their mean construction lengths and parse rates must agree within noise; what
-differs is the number of forwards. Prints per arm: median wall time, generated tokens, forwards, draft
-tokens proposed and accepted, and LAST the ratio of median wall times (lookup / plain).
+differs is the number of forwards. A third arm, ``plain_cat``, decodes without drafts on transformers'
+concatenating ``DynamicCache`` instead of the decode loop's in-place one (``tapo_ds.growing_cache``), on the
+same long construction prompts. Prints per arm: median wall time, generated tokens, forwards, draft tokens
+proposed and accepted; then the cache ratio, and LAST the ratio of median wall times (lookup / plain).
 """
 
 from __future__ import annotations
@@ -90,7 +92,12 @@ def main(argv=None) -> None:
     if not prompts:
         raise SystemExit("no construction prompts: no question had both right and wrong answers")
 
-    arms = {"plain": None, "lookup": LookupDraft(tokens=args.draft_tokens, min_match=args.min_match,
+    from transformers import DynamicCache
+
+    from tapo_ds import decode_loop
+    from tapo_ds.growing_cache import growing_cache
+
+    arms = {"plain": None, "plain_cat": None, "lookup": LookupDraft(tokens=args.draft_tokens, min_match=args.min_match,
                                                  max_match=max(16, args.min_match))}
     rows: dict[str, list[dict]] = {a: [] for a in arms}
     generate(rollout, tok, prompts[:2], sampling, lookup=None)  # warm-up
@@ -98,7 +105,12 @@ def main(argv=None) -> None:
         order = list(arms) if rnd % 2 == 0 else list(reversed(arms))
         for arm in order:
             t0 = time.perf_counter()
-            res = rollout.generate(_request(tok, prompts), sampling, arms[arm])
+            decode_loop.growing_cache = ((lambda config: DynamicCache(config=config)) if arm == "plain_cat"
+                                         else growing_cache)
+            try:
+                res = rollout.generate(_request(tok, prompts), sampling, arms[arm])
+            finally:
+                decode_loop.growing_cache = growing_cache
             wall = time.perf_counter() - t0
             outs = [tok.decode(res.response_ids[i, :n].tolist(), skip_special_tokens=True)
                     for i, n in enumerate(res.response_lengths.tolist())]
@@ -116,6 +128,7 @@ def main(argv=None) -> None:
               f"{tokens / med[arm]:8.0f} {statistics.mean(x['draft_tokens'] for x in rs):8.0f} "
               f"{statistics.mean(x['draft_accepted'] for x in rs):9.0f} "
               f"{statistics.mean(x['parsed'] for x in rs):7.1%}")
+    print(f"\nconstruction decode wall time, concatenating / in-place KV cache: {med['plain_cat'] / med['plain']:.2f}x")
     print(f"\nconstruction decode wall time, lookup / plain (median of {args.rounds} rounds): "
           f"{med['lookup'] / med['plain']:.2f}x")
 

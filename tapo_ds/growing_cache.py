@@ -5,7 +5,10 @@ decode step: O(length) work per token, O(length²) per sequence, and on CPU the 
 decode step at a few hundred tokens (measured: ``aten::cat`` 18-44 % of a miniature decode step). A
 :class:`GrowingLayer` keeps its keys and values in buffers with spare room along the sequence and writes
 new positions into them; ``keys``/``values`` are views of the filled part, so everything that reads a
-``DynamicLayer`` reads it unchanged. The room doubles when it runs out (amortised O(1) per token).
+``DynamicLayer`` reads it unchanged. When the room runs out the buffers grow by a fixed ``room`` of
+positions (one copy every ``room`` tokens: the copying falls by that factor, and the cache never holds more
+than ``room`` unused positions per row, where doubling could hold as many as it uses; a cache of an 8B model
+over thousands of tokens is the larger part of a GPU's memory).
 Whoever replaces ``keys``/``values`` (``batch_select_indices``, :mod:`tapo_ds.kv_rows`'s join) simply
 assigns new tensors, as with a ``DynamicLayer``; the next append adopts them into fresh buffers.
 """
@@ -16,11 +19,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-MIN_ROOM = 64  # positions added at least when a buffer grows
+ROOM = 128  # positions a buffer grows by
 
 
 class GrowingLayer(DynamicLayer):
-    def __init__(self, room: int = MIN_ROOM):
+    def __init__(self, room: int = ROOM):
         super().__init__()
         self.room = max(int(room), 1)
         self._kbuf = self._vbuf = None
@@ -30,7 +33,7 @@ class GrowingLayer(DynamicLayer):
         """Fresh buffers holding the current keys/values (assigned from outside) plus room for ``extra``."""
         k, v = self.keys, self.values
         length = k.shape[-2] if k.dim() == 4 else 0
-        cap = length + max(extra, self.room, length)
+        cap = length + max(extra, self.room)
         self._kbuf = k.new_empty(k.shape[:-2] + (cap, k.shape[-1])) if k.dim() == 4 else None
         self._vbuf = v.new_empty(v.shape[:-2] + (cap, v.shape[-1])) if v.dim() == 4 else None
         if length:
@@ -57,7 +60,7 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def growing_cache(config, room: int = MIN_ROOM) -> DynamicCache:
+def growing_cache(config, room: int = ROOM) -> DynamicCache:
     """A ``DynamicCache`` for ``config`` whose full-attention layers append in place (sliding-window layers,
     which drop their oldest positions, stay as transformers makes them)."""
     cache = DynamicCache(config=config)
