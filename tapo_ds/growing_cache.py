@@ -32,13 +32,12 @@ class GrowingLayer(DynamicLayer):
     def _adopt(self, extra: int) -> None:
         """Fresh buffers holding the current keys/values (assigned from outside) plus room for ``extra``."""
         k, v = self.keys, self.values
-        length = k.shape[-2] if k.dim() == 4 else 0
+        length = k.shape[-2]
         cap = length + max(extra, self.room)
-        self._kbuf = k.new_empty(k.shape[:-2] + (cap, k.shape[-1])) if k.dim() == 4 else None
-        self._vbuf = v.new_empty(v.shape[:-2] + (cap, v.shape[-1])) if v.dim() == 4 else None
-        if length:
-            self._kbuf[..., :length, :] = k
-            self._vbuf[..., :length, :] = v
+        self._kbuf = k.new_empty(k.shape[:-2] + (cap, k.shape[-1]))
+        self._vbuf = v.new_empty(v.shape[:-2] + (cap, v.shape[-1]))
+        self._kbuf[..., :length, :] = k
+        self._vbuf[..., :length, :] = v
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
