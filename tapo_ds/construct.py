@@ -100,7 +100,7 @@ class Constructor:
             chat_template_kwargs=cfg.model.chat_template_kwargs, examples_every=t.examples_every,
             examples=t.examples, seed=cfg.seed, backend=t.constructor, oracle_accuracy=t.oracle_accuracy,
             lookup=LookupDraft(tokens=t.lookup_draft_tokens, min_match=t.lookup_min_match,
-                               max_match=max(16, t.lookup_min_match))), **parts)
+                               max_match=max(LookupDraft.max_match, t.lookup_min_match))), **parts)
 
     def _encode_chat(self, content: str) -> list[int]:
         return encode(self.tok, render_chat(self.tok, content, self.s.chat_template_kwargs))

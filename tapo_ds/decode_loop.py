@@ -122,8 +122,9 @@ class _DecodeLoop:
 
     # ------------------------------------------------------------------ slots
 
-    def _new_slots(self, n: int, limit: int, kind: int, prompt: int, source: torch.Tensor) -> torch.Tensor:
-        """Append ``n`` empty slots (``source``: their prompts, ``NO_TOKEN`` padded); returns their indices."""
+    def _new_slots(self, n: int, limit: int, kind: int, prompt: int, source) -> torch.Tensor:
+        """Append ``n`` empty slots (``source()``: their prompts, ``NO_TOKEN`` padded, kept only for drafts);
+        returns their indices."""
         device = self.out.device
         first = self.out.shape[0]
         width = max(self.out.shape[1], limit)
@@ -135,8 +136,10 @@ class _DecodeLoop:
         self.limit = torch.cat([self.limit, self.limit.new_full((n,), limit)])
         self.kind = torch.cat([self.kind, self.kind.new_full((n,), kind)])
         self.slot_prompt = torch.cat([self.slot_prompt, self.slot_prompt.new_full((n,), prompt)])
-        S = max(self.src.shape[1], source.shape[1])
-        self.src = torch.cat([_right_pad(self.src, S), _right_pad(source, S)])
+        if self.lookup is not None:
+            new = source()
+            S = max(self.src.shape[1], new.shape[1])
+            self.src = torch.cat([_right_pad(self.src, S), _right_pad(new, S)])
         return torch.arange(first, first + n, device=device)
 
     # ------------------------------------------------------------------ rows
@@ -165,7 +168,7 @@ class _DecodeLoop:
             mask[i, width - len(p):] = 1
         cache, logits, attn, next_pos = self._prefill(ids, mask, 1)
         slots = self._new_slots(len(prompts), self.follow.sampling.max_new_tokens, kind=1, prompt=-1,
-                                source=ids.masked_fill(mask == 0, NO_TOKEN))
+                                source=lambda: ids.masked_fill(mask == 0, NO_TOKEN))
         self.followup_slots += slots.tolist()
         fresh = torch.full((len(slots),), NO_TOKEN, dtype=torch.long, device=device)
         if len(self.rows) == 0:
@@ -211,7 +214,6 @@ class _DecodeLoop:
         token or token limit; returns the rows that ended."""
         live = ~self.done
         ended = torch.zeros_like(live)
-        stop_ids = self._stop_ids.to(tokens.device)
         for j in range(tokens.shape[1]):
             take = live & (count > j)
             if j and not bool(take.any()):
@@ -220,7 +222,7 @@ class _DecodeLoop:
             tok = tokens[take, j]
             self.out[slots, self.gen[slots]] = tok
             self.gen[slots] += 1
-            is_stop = torch.isin(tok, stop_ids)
+            is_stop = torch.isin(tok, self._stop_ids)
             self.stopped[slots[is_stop]] = True
             hit = torch.zeros_like(live)
             hit[take] = is_stop | (self.gen[slots] >= self.limit[slots])
@@ -247,7 +249,7 @@ class _DecodeLoop:
         """This step's drafts of the batch rows (:mod:`tapo_ds.lookup_draft`), ``[n, D]`` and ``[n]``."""
         rows, cfg = self.rows, self.lookup
         room = (self.limit[rows] - self.gen[rows]) * (~self.done)
-        room = room * torch.isin(self.kind[rows], torch.tensor(self.lookup_kinds, device=rows.device))
+        room = room * torch.isin(self.kind[rows], self._lookup_kinds)
         history = lookup_draft.history_of(self.out, rows, self.gen[rows], cfg.max_match)
         return lookup_draft.propose(self.src[rows], history, room, cfg)
 
@@ -272,7 +274,8 @@ class _DecodeLoop:
             self.next_pos = self.next_pos + 1
             return
         probs = self._by_kind(draft_probs, n, torch.float, logits[:, :D], draft)
-        greedy = self._by_kind(lambda s, d: torch.full((len(d),), s.temperature <= 0), n, torch.bool, draft)
+        greedy = self._by_kind(lambda s, d: torch.full((len(d),), s.temperature <= 0, device=d.device), n,
+                               torch.bool, draft)
         kept = lookup_draft.accepted(probs, count, self.generator, greedy)
         self._emit(draft, kept)
         arange = torch.arange(n, device=token.device)
@@ -299,12 +302,15 @@ class _DecodeLoop:
         self.slot_prompt = torch.zeros(0, dtype=torch.long, device=device)
         self.src = torch.zeros((0, 0), dtype=torch.long, device=device)  # per slot: its prompt, to copy from
         self.followup_slots: list[int] = []
-        source = prompt_ids.masked_fill(prompt_mask == 0, NO_TOKEN).repeat_interleave(K, dim=0)
-        self.rows = self._new_slots(B * K, T, kind=0, prompt=0, source=source)  # batch row -> slot
+        self.rows = self._new_slots(  # batch row -> slot
+            B * K, T, kind=0, prompt=0,
+            source=lambda: prompt_ids.masked_fill(prompt_mask == 0, NO_TOKEN).repeat_interleave(K, dim=0))
         self.slot_prompt[:] = torch.arange(B, device=device).repeat_interleave(K)
         self.cache, self.logits, self.attn, self.next_pos = self._prefill(prompt_ids, prompt_mask, K)
         self.done = torch.zeros(B * K, dtype=torch.bool, device=device)  # per batch row
         self.exclude = torch.full((B * K,), NO_TOKEN, dtype=torch.long, device=device)
+        self._stop_ids = self._stop_ids.to(device)
+        self._lookup_kinds = torch.tensor(self.lookup_kinds, device=device)
         follow = self.follow
         while True:
             if follow is not None:
