@@ -9,9 +9,9 @@ same model folder, the same questions (the first ``--pool`` rows of the syntheti
 the chat-template prompt ``{problem}``, B questions x K samples per step, ``max_new_tokens``, temperature
 1.0, top-p 1.0, beta 0 (no KL, no reference model), lr 5e-5 constant, one optimizer step per rollout,
 PPO clip 0.2, group-normalised advantages, seq-mean-token-mean loss, 2 torch threads; gradient checkpointing
-each system's default (tapo-ds off, TRL on) unless ``--gradient-checkpointing on|off`` sets both. tapo-ds runs its
-default config (ZeRO-3 under DeepSpeed, one process, no launcher). The first step of each run is warm-up
-and left out. Printed per system and model: median step time, peak RSS of the process tree, mean
+each system's default (tapo-ds off, TRL on) unless ``--gradient-checkpointing on|off`` sets both. tapo-ds runs
+its default config (configs/quickstart.yaml: ZeRO-2 under DeepSpeed, one process, no launcher). The first step of
+each run is warm-up and left out. Printed per system and model: median step time, peak RSS of the process tree, mean
 response length and reward (both ran the same regime), then the ratio tapo-ds / TRL of the medians.
 """
 

@@ -213,6 +213,17 @@ def test_error_at_every_step_and_the_example_of_the_issue():
     right_steps = "Step 1: 7+5=12\nStep 2: 12*3=36\nStep 3: 36-4=32\nFinal Answer: \\boxed{30}"
     assert construct(EXAMPLE.text, right_steps, analysis="diff").startswith(
         "<analysis>1: 12 vs 12 same. 2: 36 vs 36 same. 3: 32 vs 32 same. answer: differs. The final answer")
+    # copied: each line re-typed before its verdict, the wrong one with its diagnosis
+    assert construct(EXAMPLE.text, text, analysis="copied").startswith(
+        "<analysis>Step 1: 7+5=12 ok. Step 2: 12*3=35 is wrong: 12*3 is 36, not 35 (arithmetic error).</analysis>")
+    assert construct(EXAMPLE.text, missing, analysis="copied").startswith(
+        "<analysis>Step 1: 7+5=12 ok. Step 2 is missing:")
+    assert construct(EXAMPLE.text, right_steps, analysis="copied").startswith(
+        "<analysis>Step 1: 7+5=12 ok. Step 2: 12*3=36 ok. Step 3: 36-4=32 ok. The final answer is wrong:")
+    corrected = "Step 1: 7+5=12\nStep 2: 12+3=15\nWait, let me double-check step 2: 12*3=36.\nStep 3: 36-4=31"
+    assert construct(EXAMPLE.text, corrected, analysis="copied").startswith(
+        "<analysis>Step 1: 7+5=12 ok. Step 2: 12+3=15 Wait, let me double-check step 2: 12*3=36. ok. "
+        "Step 3: 36-4=31 is wrong: 36-4 is 32, not 31")
 
 
 def test_accidental_right_answers_are_avoided():

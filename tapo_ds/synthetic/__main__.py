@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of the second mix's wrong and right answers that carry a harmless re-check line")
     p.add_argument("--error-kinds", nargs="+", default=list(ERROR_KINDS), choices=ERROR_KINDS)
     p.add_argument("--mode", choices=MODES, default="micro")
-    p.add_argument("--analysis", choices=ANALYSIS_STYLES, default="brief")
+    p.add_argument("--analysis", choices=ANALYSIS_STYLES, default="brief",
+                   help="the construction rows' analysis text (tapo_ds.synthetic.constructor.analysis_text)")
     p.add_argument("--prompt-template", default=PROMPT_TEMPLATE)
     p.add_argument("--coldstart-overlap", action="store_true",
                    help="let the cold-start mix reuse train.jsonl problems (default: disjoint)")

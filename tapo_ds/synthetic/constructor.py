@@ -60,7 +60,7 @@ REFLECTION = "Wait, let me double-check"
 CHECK_RE = re.compile(r"^\s*Wait, let me double-check(?:\s+step\s*(\d+))?\s*:\s*(-?\d+)\s*([+\-*/])\s*(-?\d+)"
                       r"\s*=\s*(-?\d+)\s*\.?\s*$")
 MODES = ("micro", "full")
-ANALYSIS_STYLES = ("brief", "checked", "diff")
+ANALYSIS_STYLES = ("brief", "checked", "diff", "copied")
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,11 @@ def analysis_text(diagnosis: Diagnosis, style: str = "brief", problem: Problem |
     """``brief``: the diagnosis; ``checked``: "Step 1 ok. Step 2 ok. " before it; ``diff``: each step's result
     in the wrong text beside the right one, up to the first that differs ("1: 28 vs 28 same. 2: 30 vs 20
     differs."), then the diagnosis: locating the mistake by comparing two numbers, not by re-computing
-    the step (needs ``problem``)."""
+    the step (needs ``problem``); ``copied``: the wrong text's lines up to the mistake, each followed by "ok.",
+    the wrong step's own line followed by its diagnosis ("Step 1: 9+8=17 ok. Step 2: 17*7=118 is wrong: ..."):
+    the verdict on a line comes right after the model has re-typed it, where the copy of the wrong line and
+    the right text's line of the same step first part, instead of a step number chosen before anything is
+    compared."""
     if style == "brief":
         return diagnosis.message
     if style == "checked":
@@ -215,7 +219,20 @@ def analysis_text(diagnosis: Diagnosis, style: str = "brief", problem: Problem |
         if problem is None:
             raise ValueError("the diff analysis needs the problem")
         return f"{_diff(diagnosis, problem.steps())} {diagnosis.message}"
+    if style == "copied":
+        return _copied(diagnosis)
     raise ValueError(f"analysis style: expected one of {ANALYSIS_STYLES}, got {style!r}")
+
+
+def _copied(d: Diagnosis) -> str:
+    lines = [line.strip() for line in d.prefix.splitlines() if line.strip()]
+    head = f"Step {d.step} is wrong"
+    verdict = d.message
+    if lines and d.message.startswith(head):
+        verdict = lines.pop() + d.message[len(f"Step {d.step}"):]  # the wrong line itself, then its diagnosis
+    # a line that the writer's own check right after it corrects gets no verdict: the check carries it
+    marks = ["" if CHECK_RE.match(nxt) else " ok." for nxt in lines[1:]] + [" ok."]
+    return " ".join([line + mark for line, mark in zip(lines, marks)] + [verdict])
 
 
 def _diff(d: Diagnosis, gold: list[Step]) -> str:
