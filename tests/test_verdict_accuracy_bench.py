@@ -3,7 +3,6 @@ models whose predictions are known (one that always predicts the reference's nex
 predicts " ok.")."""
 
 import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
