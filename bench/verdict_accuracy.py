@@ -4,11 +4,12 @@
     .venv/bin/python bench/verdict_accuracy.py --model runs/<run>/checkpoints/step_00000400 --aligned
 
 Writes held-out construction (IFT) rows with the ``checked`` analysis ("Step 1 ok. Step 2 ok. Step 3 is
-wrong: ...", rule-injected mistakes, seed 7 so that no row is a training row of the shipped mix), feeds
-each row's prompt and reference response to the model in one forward pass and reads, at every verdict
-("Step k" followed by " ok." or " is wrong: "), which of the two the model puts more probability on. It
-isolates the one decision that places the reflection from everything the model does afterwards (copying,
-finishing): the probe's "reflection right after the first wrong step" can be no better than these verdicts.
+wrong: ...", rule-injected mistakes, seed 7; the shipped mix is seed 0, and 2 of the first 100 problems
+are also in it), feeds each row's prompt and reference response to the model in one forward pass and reads,
+at every verdict ("Step k" followed by " ok." or " is wrong: "), which of the two the model puts more
+probability on. It isolates the one decision that places the reflection from everything the model does
+afterwards (copying, finishing): a model whose verdicts score what always answering "ok" scores cannot
+place its reflection by comparing the two answers.
 
 Printed: the share of verdicts right, the share of rows with every verdict right, the mean probability the
 model gives " is wrong: " (against " ") at the wrong step, and the share of "ok" verdicts in the rows (what

@@ -220,6 +220,13 @@ def test_error_at_every_step_and_the_example_of_the_issue():
         "<analysis>Step 1: 7+5=12 ok. Step 2 is missing:")
     assert construct(EXAMPLE.text, right_steps, analysis="copied").startswith(
         "<analysis>Step 1: 7+5=12 ok. Step 2: 12*3=36 ok. Step 3: 36-4=32 ok. The final answer is wrong:")
+    # parted: the text both answers share, "^" where they part, the diagnosis
+    right = EXAMPLE.solution
+    assert construct(EXAMPLE.text, text, right, analysis="parted").startswith(
+        "<analysis>Step 1: 7+5=12\nStep 2: 12*3=3^\nStep 2 is wrong: 12*3 is 36, not 35 (arithmetic error).</analysis>")
+    assert construct(EXAMPLE.text, text, analysis="parted") == construct(EXAMPLE.text, text, right, analysis="parted")
+    assert construct(EXAMPLE.text, missing, right, analysis="parted").startswith(
+        "<analysis>Step 1: 7+5=12\n^\nStep 2 is missing:")
     corrected = "Step 1: 7+5=12\nStep 2: 12+3=15\nWait, let me double-check step 2: 12*3=36.\nStep 3: 36-4=31"
     assert construct(EXAMPLE.text, corrected, analysis="copied").startswith(
         "<analysis>Step 1: 7+5=12 ok. Step 2: 12+3=15 Wait, let me double-check step 2: 12*3=36. ok. "

@@ -48,6 +48,7 @@ read before the first stray line, or when the solution is right. Never raises on
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -60,7 +61,7 @@ REFLECTION = "Wait, let me double-check"
 CHECK_RE = re.compile(r"^\s*Wait, let me double-check(?:\s+step\s*(\d+))?\s*:\s*(-?\d+)\s*([+\-*/])\s*(-?\d+)"
                       r"\s*=\s*(-?\d+)\s*\.?\s*$")
 MODES = ("micro", "full")
-ANALYSIS_STYLES = ("brief", "checked", "diff", "copied")
+ANALYSIS_STYLES = ("brief", "checked", "diff", "copied", "parted")
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,8 @@ def diagnose(question: str, wrong: str) -> Diagnosis | None:
                      wrong[:last_end], _check(n, gold[-1]), n)
 
 
-def analysis_text(diagnosis: Diagnosis, style: str = "brief", problem: Problem | None = None) -> str:
+def analysis_text(diagnosis: Diagnosis, style: str = "brief", problem: Problem | None = None,
+                  wrong: str | None = None, right: str | None = None) -> str:
     """``brief``: the diagnosis; ``checked``: "Step 1 ok. Step 2 ok. " before it; ``diff``: each step's result
     in the wrong text beside the right one, up to the first that differs ("1: 28 vs 28 same. 2: 30 vs 20
     differs."), then the diagnosis: locating the mistake by comparing two numbers, not by re-computing
@@ -209,7 +211,9 @@ def analysis_text(diagnosis: Diagnosis, style: str = "brief", problem: Problem |
     the wrong step's own line followed by its diagnosis ("Step 1: 9+8=17 ok. Step 2: 17*7=118 is wrong: ..."):
     the verdict on a line comes right after the model has re-typed it, where the copy of the wrong line and
     the right text's line of the same step first part, instead of a step number chosen before anything is
-    compared."""
+    compared; ``parted``: the text the wrong and the right solution share from their start, "^" where they
+    part, then the diagnosis (needs ``wrong``, and ``right`` or ``problem`` for the gold solution): a model
+    that copies both answers at once sees them part as its two copies disagree on the next character."""
     if style == "brief":
         return diagnosis.message
     if style == "checked":
@@ -221,6 +225,11 @@ def analysis_text(diagnosis: Diagnosis, style: str = "brief", problem: Problem |
         return f"{_diff(diagnosis, problem.steps())} {diagnosis.message}"
     if style == "copied":
         return _copied(diagnosis)
+    if style == "parted":
+        if wrong is None or (right is None and problem is None):
+            raise ValueError("the parted analysis needs the wrong text and the right one (or the problem)")
+        right = format_solution(problem.steps(), problem.answer) if right is None else right
+        return f"{os.path.commonprefix([wrong.strip(), right.strip()])}^\n{diagnosis.message}"
     raise ValueError(f"analysis style: expected one of {ANALYSIS_STYLES}, got {style!r}")
 
 
@@ -263,7 +272,8 @@ def reconstruction_text(problem: Problem, diagnosis: Diagnosis, mode: str = "mic
 
 def construct(question: str, wrong: str, right: str | None = None, *, mode: str = "micro",
               analysis: str = "brief") -> str | None:
-    """The construction for (question, wrong), or None; ``right`` is not needed (rules know the steps)."""
+    """The construction for (question, wrong), or None. Only the ``parted`` analysis reads ``right`` (None:
+    the gold solution); everything else follows from the problem's steps."""
     if mode not in MODES:
         raise ValueError(f"construction mode: expected one of {MODES}, got {mode!r}")
     if analysis not in ANALYSIS_STYLES:
@@ -272,7 +282,7 @@ def construct(question: str, wrong: str, right: str | None = None, *, mode: str 
     if diagnosis is None:
         return None
     problem = parse_problem(question)
-    return format_construction(analysis_text(diagnosis, analysis, problem),
+    return format_construction(analysis_text(diagnosis, analysis, problem, wrong, right),
                                reconstruction_text(problem, diagnosis, mode))
 
 
