@@ -567,6 +567,33 @@ def test_with_check_inserts_a_right_recheck():
     assert mix.build.verified == 60 and mix.build.as_dict()["mean_fidelity"] == 1.0
 
 
+@pytest.mark.parametrize("analysis", ["brief", "parted"])
+def test_mix_slip_rate_spoils_only_the_correction(analysis):
+    """IFT rows with a slip keep the analysis, the copied prefix and the reflection of the row they replace,
+    and end at a wrong answer; every other row is the row of the mix without slips."""
+    knobs = dict(seed=3, proportions={"gold": 0.2, "sft": 0.2, "ift": 0.6}, steps=(2, 5), max_value=200,
+                 analysis=analysis)
+    plain = build_synthetic_mix(200, **knobs)
+    slipped = build_synthetic_mix(200, slip_rate=0.4, **knobs)
+    assert plain.slipped == 0 and 0.3 * 120 <= slipped.slipped <= 0.5 * 120
+    changed = 0
+    for a, b in zip(plain.rows, slipped.rows):
+        assert a["prompt"] == b["prompt"] and a["kind"] == b["kind"]
+        if a == b:
+            continue
+        changed += 1
+        assert a["kind"] == "ift"
+        pa, pb = parse_construction(a["response"]), parse_construction(b["response"])
+        assert pa.analysis == pb.analysis
+        head_a, head_b = (c.reconstruction.split("Wait, let me double-check")[0] for c in (pa, pb))
+        assert head_a == head_b
+        answer = str(parse_problem(a["prompt"]).answer)
+        assert synthetic_grader([(pa.reconstruction, answer), (pb.reconstruction, answer)]) == [True, False]
+    assert changed == slipped.slipped
+    with pytest.raises(ValueError, match="slip_rate"):
+        build_synthetic_mix(10, slip_rate=1.5)
+
+
 def test_cli_make_data_phase2_and_separate_mix_knobs(tmp_path):
     out = tmp_path / "syn"
     args = ["make-data", "--out", str(out), "--train", "200", "--test", "20", "--seed", "0", "--steps", "3", "4",
@@ -662,12 +689,31 @@ def test_probe_measures_with_the_rule_constructor_standing_in():
     assert rep.reflection_located == 1.0 and rep.reflection_offsets == {"0": 1.0}
     assert rep.right_steps_correct == 1.0 and rep.reflection_located_steps_correct == 1.0
     assert rep.reflection_at_first_difference == 1.0
+    assert rep.construction_acc_located == 1.0 and rep.construction_acc_elsewhere is None
     assert rep.reflected_groups == 30 and rep.reflected_mixed_frac == 0.0  # all right: no group is mixed
     assert "| output parses | 100.0 % |" in rep.table()
     # a constructor that fails every other time: half the outputs do not parse
     rep = summarize(questions, texts, rewards,
                     construct=lambda ps: [o if i % 2 else "garbage" for i, o in enumerate(by_rule(ps))], **kw)
     assert rep.parse_rate == 0.5 and rep.construction_acc == 1.0
+
+    # reflecting one line late (the wrong line kept, then the next one of y⁻ too) while still ending right
+    def late(prompts):
+        out = []
+        for prompt, text in zip(prompts, by_rule(prompts)):
+            wrong_lines = prompt.split("Wrong:\n")[1].split("\nRight:\n")[0].split("\n")
+            recon = parse_construction(text).reconstruction.split("\n")
+            k = next(i for i, line in enumerate(recon) if line.startswith("Wait"))
+            if k < len(wrong_lines) - 1 and wrong_lines[k].startswith("Step"):
+                recon.insert(k, wrong_lines[k])
+            out.append(text.split("<reconstruction>")[0] + "<reconstruction>" + "\n".join(recon)
+                       + "</reconstruction>")
+        return out
+
+    rep = summarize(questions, texts, rewards, construct=late, **kw)
+    assert 0.0 < rep.reflection_located < 1.0
+    assert rep.construction_acc_located == 1.0 and rep.construction_acc_elsewhere == 1.0
+    assert "where it is elsewhere 100.0 %" in rep.table()
 
 
 def test_probe_cli_runs_on_a_tiny_model(tmp_path, capsys):

@@ -40,6 +40,16 @@ def _mix(text: str) -> dict[str, float]:
     return out
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1], got {value}")
+    return value
+
+
 def _range(values: list[int]) -> tuple[int, int]:
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
@@ -61,7 +71,8 @@ def make_data(args) -> int:
         mix_knobs["max_value"] = args.coldstart_max_value
     n_mix = args.train if args.coldstart is None else args.coldstart
     mix_args = dict(proportions=args.mix, error_kinds=args.error_kinds, mode=args.mode,
-                    analysis=args.analysis, prompt_template=args.prompt_template, **mix_knobs)
+                    analysis=args.analysis, prompt_template=args.prompt_template,
+                    slip_rate=args.slip_rate, **mix_knobs)
     test = generate_dataset(args.test, args.seed, split="test", **knobs)
     phase2 = None
     if args.phase2:
@@ -88,7 +99,8 @@ def make_data(args) -> int:
     (out / "construction_template_full.txt").write_text(SYNTHETIC_TEMPLATES["full"], encoding="utf-8")
     meta = {"args": {k: v for k, v in vars(args).items() if k != "func"},
             "train": len(train), "test": len(test), "coldstart": mix.counts,
-            "coldstart_error_kinds": mix.error_kinds, "coldstart_build": mix.build.as_dict()}
+            "coldstart_error_kinds": mix.error_kinds, "coldstart_build": mix.build.as_dict(),
+            "coldstart_slipped": mix.slipped}
     if phase2 is not None:
         meta.update(coldstart_phase2=phase2.counts, coldstart_phase2_error_kinds=phase2.error_kinds,
                     coldstart_phase2_build=phase2.build.as_dict())
@@ -96,7 +108,7 @@ def make_data(args) -> int:
     print(f"wrote {out}/: train.jsonl {len(train)}, test.jsonl {len(test)}, coldstart.jsonl "
           f"{len(mix.rows)} {mix.counts}, error kinds {mix.error_kinds} "
           f"({time.perf_counter() - t0:.1f} s)")
-    print(f"cold-start build: {mix.build.summary()}")
+    print(f"cold-start build: {mix.build.summary()}" + (f", slipped IFT rows {mix.slipped}" if mix.slipped else ""))
     if phase2 is not None:
         print(f"coldstart_phase2.jsonl {len(phase2.rows)} {phase2.counts}: {phase2.build.summary()}")
     if args.examples:
@@ -187,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=MODES, default="micro")
     p.add_argument("--analysis", choices=ANALYSIS_STYLES, default="brief",
                    help="the construction rows' analysis text (tapo_ds.synthetic.constructor.analysis_text)")
+    p.add_argument("--slip-rate", type=_rate, default=0.0,
+                   help="share of construction (IFT) rows, in each phase, whose correction slips once (wrong answer)")
     p.add_argument("--prompt-template", default=PROMPT_TEMPLATE)
     p.add_argument("--coldstart-overlap", action="store_true",
                    help="let the cold-start mix reuse train.jsonl problems (default: disjoint)")

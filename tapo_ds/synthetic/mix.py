@@ -15,9 +15,11 @@ from typing import Mapping, Sequence
 
 from ..coldstart import ColdStartStats, build_coldstart, per_pair
 from ..reward import last_boxed
-from .constructor import REFLECTION, int_or_none, rule_constructor
+from ..trajectory.parsing import format_construction, parse_construction
+from .constructor import REFLECTION, diagnose, int_or_none, rule_constructor
 from .errors import ERROR_KINDS, random_wrong_solution
-from .task import PROMPT_TEMPLATE, SYNTHETIC_TEMPLATES, generate_problems, parse_step, render_prompt
+from .oracle import spoiled_reconstruction
+from .task import PROMPT_TEMPLATE, SYNTHETIC_TEMPLATES, generate_problems, parse_problem, parse_step, render_prompt
 
 ROW_KINDS = ("gold", "sft", "ift")
 DEFAULT_MIX = {"gold": 0.5, "sft": 0.3, "ift": 0.2}
@@ -74,6 +76,7 @@ class MixResult:
     counts: dict[str, int]          # rows per kind
     error_kinds: dict[str, int]     # corruptions per error kind (sft + ift rows)
     build: ColdStartStats
+    slipped: int = 0                # IFT rows whose correction slips (slip_rate)
 
 
 def build_synthetic_mix(
@@ -89,6 +92,7 @@ def build_synthetic_mix(
     mode: str = "micro",
     analysis: str = "brief",
     check_rate: float = 0.0,
+    slip_rate: float = 0.0,
     prompt_template: str = PROMPT_TEMPLATE,
     construction_template: str | None = None,
     exclude: Sequence[str] = (),
@@ -102,7 +106,13 @@ def build_synthetic_mix(
     micro-reflective rows writes them, so that constructions learn to copy such lines.
     ``construction_template``: None = the synthetic
     template of ``mode``. ``mode="full"`` makes the SFT/IFT rows full reconstructions.
+    ``slip_rate``: the share of IFT rows whose correction makes one arithmetic slip after the reflection
+    (the synthetic oracle's spoiling), so that the boxed answer is wrong: a constructor trained on it
+    locates and copies as before but reaches the right answer only about ``1 - slip_rate`` of the time,
+    which is what makes reflected groups mixed (TAPO's signal; equal-reward groups carry none).
     """
+    if not 0.0 <= slip_rate <= 1.0:
+        raise ValueError(f"slip_rate: expected a value in [0, 1], got {slip_rate}")
     counts = mix_counts(n, proportions)
     template = SYNTHETIC_TEMPLATES[mode] if construction_template is None else construction_template
     n_con = counts["sft"] + counts["ift"]
@@ -140,7 +150,26 @@ def build_synthetic_mix(
         raise RuntimeError(f"synthetic mix: {len(questions)} problems for {n_con} constructions, "
                            f"built {built.stats.summary()}")
     rows += built.sft[:counts["sft"]]
-    rows += built.ift[counts["sft"]:n_con]
+    ift = built.ift[counts["sft"]:n_con]
+    slipped = 0
+    if slip_rate > 0:
+        slip_rng = random.Random(f"tapo-ds-synthetic/slip/{seed}")
+        for i, row in enumerate(ift):
+            if slip_rng.random() < slip_rate:
+                question, wrong = questions[counts["sft"] + i], responses[counts["sft"] + i][0]
+                ift[i] = dict(row, response=slipped_response(row, question, wrong, mode, slip_rng))
+                slipped += 1
+    rows += ift
     random.Random(f"tapo-ds-synthetic/mix/{seed}").shuffle(rows)
     return MixResult(rows=rows, counts=counts, error_kinds=dict(sorted(kinds_of.items())),
-                     build=built.stats)
+                     build=built.stats, slipped=slipped)
+
+
+def slipped_response(row: dict, question: str, wrong: str, mode: str, rng: random.Random) -> str:
+    """``row``'s construction (its analysis kept) with a correction that slips once after the reflection."""
+    parsed = parse_construction(row["response"])
+    diagnosis = diagnose(question, wrong)
+    if parsed is None or diagnosis is None or question not in row["prompt"]:
+        raise RuntimeError(f"synthetic mix: IFT row does not match its problem {question!r}")
+    return format_construction(parsed.analysis, spoiled_reconstruction(parse_problem(question), diagnosis,
+                                                                      mode, rng))

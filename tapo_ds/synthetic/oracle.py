@@ -84,6 +84,12 @@ def _spoiled_full(problem: Problem, rng: random.Random) -> str:
     return format_solution(written, written[-1].result)
 
 
+def spoiled_reconstruction(problem: Problem, diagnosis: Diagnosis, mode: str, rng: random.Random) -> str:
+    """The reconstruction of ``diagnosis`` with one slip after the reflection mark (``micro``), or in the
+    fresh solution (``full``): the boxed answer is wrong."""
+    return _spoiled_full(problem, rng) if mode == "full" else _spoiled_micro(problem, diagnosis, rng)
+
+
 def oracle_construction(question: str, wrong: str, *, mode: str, spoil: bool, rng: random.Random) -> str:
     """The rule construction for (question, wrong), its correction slipped when ``spoil``; "" when the
     rules cannot read the pair."""
@@ -91,12 +97,10 @@ def oracle_construction(question: str, wrong: str, *, mode: str, spoil: bool, rn
     if diagnosis is None:
         return ""
     problem = parse_problem(question)
-    if not spoil:
-        reconstruction = reconstruction_text(problem, diagnosis, mode)
-    elif mode == "full":
-        reconstruction = _spoiled_full(problem, rng)
+    if spoil:
+        reconstruction = spoiled_reconstruction(problem, diagnosis, mode, rng)
     else:
-        reconstruction = _spoiled_micro(problem, diagnosis, rng)
+        reconstruction = reconstruction_text(problem, diagnosis, mode)
     return format_construction(analysis_text(diagnosis), reconstruction)
 
 

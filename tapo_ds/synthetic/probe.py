@@ -104,6 +104,9 @@ class ProbeReport:
     prefix_fidelity_median: float | None = None
     prefix_fidelity_mean: float | None = None
     construction_acc: float | None = None
+    # construction_acc split by where the reflection came: right after y⁻'s first wrong step, or elsewhere
+    construction_acc_located: float | None = None
+    construction_acc_elsewhere: float | None = None
     reflected_groups: int = 0                 # questions with >= 2 parsed constructions
     reflected_mixed_frac: float | None = None
     eval_pass_at_1: float | None = None
@@ -136,7 +139,9 @@ class ProbeReport:
                    f"wrong step of y⁻ in {pct(self.reflection_located_steps_correct)}; over all pairs, the reflection "
                    f"right after the first line where y⁻ and y⁺ differ in {pct(self.reflection_at_first_difference)}. "
                    f"Where the reflection comes, in lines after y⁻'s first wrong step (0: right after it): "
-                   + ", ".join(f"{k}: {pct(v)}" for k, v in self.reflection_offsets.items()) + ".")
+                   + ", ".join(f"{k}: {pct(v)}" for k, v in self.reflection_offsets.items()) + ". "
+                   f"construction_acc where the reflection is right after that step {pct(self.construction_acc_located)}, "
+                   f"where it is elsewhere {pct(self.construction_acc_elsewhere)}.")
         out.append("")
         out.append(f"{self.questions} held-out questions x {self.samples_per_question} samples (rollout accuracy "
                    f"{pct(self.rollout_acc)}), {self.candidates} DCS candidates, {self.pairs} pairs "
@@ -178,6 +183,7 @@ def summarize(questions: Sequence[str], texts: Sequence[Sequence[str]], rewards:
     verdicts = synthetic_grader([(c.reconstruction, answers[p.group]) for p, c in zip(parsed.pairs, parsed.items)])
     fidelity, located, by_group = [], [], {}
     clean, located_clean, at_difference = [], [], []
+    acc_located, acc_elsewhere = [], []
     offsets: collections.Counter = collections.Counter()
     for pair, item, ok in zip(parsed.pairs, parsed.items, verdicts):
         wrong, right = flat[pair.neg], flat[pair.pos]
@@ -189,6 +195,7 @@ def summarize(questions: Sequence[str], texts: Sequence[Sequence[str]], rewards:
         clean.append(steps_right)
         if where is not None:
             located.append(where)
+            (acc_located if where else acc_elsewhere).append(bool(ok))
             if steps_right:
                 located_clean.append(where)
         at = reflection_at_first_difference(wrong, right, item.reconstruction)
@@ -205,6 +212,10 @@ def summarize(questions: Sequence[str], texts: Sequence[Sequence[str]], rewards:
         rep.construction_acc = sum(verdicts) / len(verdicts)
     if located:
         rep.reflection_located = sum(located) / len(located)
+    if acc_located:
+        rep.construction_acc_located = sum(acc_located) / len(acc_located)
+    if acc_elsewhere:
+        rep.construction_acc_elsewhere = sum(acc_elsewhere) / len(acc_elsewhere)
     if offsets:
         total = sum(offsets.values())
         rep.reflection_offsets = {k: offsets[k] / total for k in OFFSET_ORDER if k in offsets}
