@@ -2,9 +2,9 @@
 loop's cache (:mod:`tapo_ds.growing_cache`) vs ``torch.compile`` (inductor) over transformers' ``StaticCache``
 (fixed shapes, so one graph serves every step), greedy, same prompts, side by side.
 
-On CPU the decode step of a small model is per-call overhead (dozens of small kernels), which is what a
-compiled graph is meant to remove; this measures whether it does here. The compile time of the first
-round is reported apart and left out of the step times.
+A compiled graph removes Python dispatch between the step's dozens of small kernels and may fuse some of
+them; this measures whether that makes the step cheaper here. The compile time of the first round is
+reported apart and left out of the step times.
 
     .venv/bin/python bench/compiled_decode.py                          # the shipped miniature checkpoint
     .venv/bin/python bench/compiled_decode.py --rows 16 --new-tokens 128 --rounds 3

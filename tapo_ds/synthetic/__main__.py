@@ -103,14 +103,15 @@ def make_data(args) -> int:
             "coldstart_slipped": mix.slipped}
     if phase2 is not None:
         meta.update(coldstart_phase2=phase2.counts, coldstart_phase2_error_kinds=phase2.error_kinds,
-                    coldstart_phase2_build=phase2.build.as_dict())
+                    coldstart_phase2_build=phase2.build.as_dict(), coldstart_phase2_slipped=phase2.slipped)
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}/: train.jsonl {len(train)}, test.jsonl {len(test)}, coldstart.jsonl "
           f"{len(mix.rows)} {mix.counts}, error kinds {mix.error_kinds} "
           f"({time.perf_counter() - t0:.1f} s)")
     print(f"cold-start build: {mix.build.summary()}" + (f", slipped IFT rows {mix.slipped}" if mix.slipped else ""))
     if phase2 is not None:
-        print(f"coldstart_phase2.jsonl {len(phase2.rows)} {phase2.counts}: {phase2.build.summary()}")
+        print(f"coldstart_phase2.jsonl {len(phase2.rows)} {phase2.counts}: {phase2.build.summary()}"
+              + (f", slipped IFT rows {phase2.slipped}" if phase2.slipped else ""))
     if args.examples:
         print("--- a training problem\n" + train[0]["problem"] + "\n" + train[0]["solution"])
         for kind in ("sft", "ift"):
