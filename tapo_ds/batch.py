@@ -22,6 +22,8 @@ class Sample:
     constructed: bool = False
     advantage: float = 0.0
     in_loss: bool = True  # False: no token of it enters the loss (DAPO's masked truncation)
+    prefix_tokens: int = 0  # constructed: leading response tokens re-typed from y⁻ (before the reflection)
+    loss_start: int = 0  # response tokens before this one get no loss (tapo.prefix_loss: mask)
 
     @property
     def length(self) -> int:
@@ -56,7 +58,7 @@ def collate(samples: Sequence[Sample], index: Sequence[int], pad_id: int,
         attn[i, :len(seq)] = 1
         # label position t predicts token t+1: response tokens sit at labels [P-1, P+R-1)
         if s.in_loss:
-            resp[i, len(s.prompt_ids) - 1:len(seq) - 1] = 1.0
+            resp[i, len(s.prompt_ids) - 1 + s.loss_start:len(seq) - 1] = 1.0
     return MicroBatch(
         input_ids=ids.to(device), attention_mask=attn.to(device), labels=ids[:, 1:].to(device),
         response_mask=resp.to(device),

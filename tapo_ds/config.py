@@ -106,6 +106,9 @@ class TapoConfig:
     ots_w_min: float = _f(0.01, lo=0.0)
     ots_w_max: float = _f(10.0, lo=0.0, lo_open=True)
     keep_failed_constructions: bool = True
+    prefix_loss: Literal["train", "mask"] = _f(
+        "train", doc="the constructed samples' tokens before the reflection (re-typed from the wrong answer): "
+                     "in the loss (train, the paper) or masked out of it (mask, beyond the paper)")
     constructor: str = _f("policy", doc="who writes the constructions: policy (the method) or a registered "
                                         "construction backend, e.g. synthetic_oracle (the synthetic task's rules)")
     oracle_accuracy: float = _f(1.0, lo=0.0, hi=1.0,

@@ -75,6 +75,7 @@ class ConstructSettings:
     backend: str  # who writes the constructions: a name of tapo_ds.trajectory.backends
     oracle_accuracy: float
     lookup: LookupDraft = field(default_factory=lambda: LookupDraft(tokens=0))  # prompt-lookup drafts (0: off)
+    prefix_loss: str = "train"  # train | mask: the re-typed y⁻ part in the loss or not
 
 
 class Constructor:
@@ -100,7 +101,8 @@ class Constructor:
             chat_template_kwargs=cfg.model.chat_template_kwargs, examples_every=t.examples_every,
             examples=t.examples, seed=cfg.seed, backend=t.constructor, oracle_accuracy=t.oracle_accuracy,
             lookup=LookupDraft(tokens=t.lookup_draft_tokens, min_match=t.lookup_min_match,
-                               max_match=max(LookupDraft.max_match, t.lookup_min_match))), **parts)
+                               max_match=max(LookupDraft.max_match, t.lookup_min_match)),
+            prefix_loss=t.prefix_loss), **parts)
 
     def _encode_chat(self, content: str) -> list[int]:
         return encode(self.tok, render_chat(self.tok, content, self.s.chat_template_kwargs))
@@ -173,7 +175,9 @@ class Constructor:
             requests=plan.requests)
         constructed = [Sample(prompt_ids=c.prompt_ids, response_ids=c.response_ids,
                               group_id=samples[c.pair.neg].group_id, reward=c.reward, question=c.group,
-                              constructed=True) for c in result.samples]
+                              constructed=True, prefix_tokens=c.prefix_tokens,
+                              loss_start=c.prefix_tokens if self.s.prefix_loss == "mask" else 0)
+                       for c in result.samples]
         if self.monitor is not None and self.s.examples_every and step % self.s.examples_every == 0:
             self._log_examples(out, result.samples, step)
         return constructed, self._metrics(result.stats, graded)

@@ -27,7 +27,7 @@ from tapo_ds.engine import all_reduce_
 from tapo_ds.generation import generate, generate_with_followups
 from tapo_ds.in_rollout import GradeThenFollow
 from tapo_ds.metrics import StepMetrics
-from tapo_ds.trajectory import OTS
+from tapo_ds.trajectory import OTS, prefix_push
 from tapo_ds.update import LossSettings, optimizer_step, per_token_stats, update_metrics
 
 log = logging.getLogger(__name__)
@@ -269,6 +269,10 @@ class RLTrainer:
             ots = self.s.ots(samples, logp, entropy)
             weights = ots.weights
             ots.add_to(metrics)
+        # Every rank names them (the reduction is by name); without constructions they are left out.
+        metrics.mean("tapo/prefix_push", *prefix_push(samples, weights), if_empty=None)
+        metrics.mean("tapo/prefix_token_frac", sum(s.prefix_tokens for s in samples if s.constructed),
+                     sum(len(s.response_ids) for s in samples if s.constructed), if_empty=None)
         if self.s.ppo_epochs > 1 or self.s.mini_batches > 1:
             # Later updates no longer see the pre-update policy in their own forward.
             old_logp, _ = per_token_stats(self.engine, samples, mbs, self.pad_id, dev, with_entropy=False)

@@ -102,6 +102,22 @@ def test_tapo_step_fires_every_branch(tmp_path, grader):
     assert "timing/construct" in m
 
 
+def test_prefix_loss_mask_takes_the_copied_tokens_out_of_the_loss(tmp_path, grader):
+    """Each construction re-types "Step 1: a mistake" before its reflection: logged as the prefix share; with
+    ``tapo.prefix_loss=mask`` those tokens get no loss (and no push), the rest of the step is unchanged."""
+    runs = {}
+    for mode in ("train", "mask"):
+        runs[mode] = one_step(tmp_path / mode, grader, ["algorithm.name=tapo", f"tapo.prefix_loss={mode}"], 3)[0]
+    train, mask = runs["train"], runs["mask"]
+    assert 0 < train["tapo/prefix_token_frac"] == mask["tapo/prefix_token_frac"] < 1
+    assert 0.01 <= train["tapo/ots_weight_prefix_mean"] <= 10.0 and "tapo/prefix_push" in train
+    assert "tapo/ots_weight_prefix_mean" not in mask and "tapo/prefix_push" not in mask
+    assert mask["tapo/ots_weight_after_mean"] == pytest.approx(train["tapo/ots_weight_after_mean"], rel=1e-5)
+    for key in ("rollout/reward_mean", "tapo/construction_acc", "tapo/constructed_tokens"):
+        assert mask[key] == train[key], key
+    assert mask["actor/pg_loss"] != train["actor/pg_loss"]
+
+
 def test_negatives_dropped_under_switch(tmp_path, grader):
     m, _, _ = one_step(tmp_path, grader, ["algorithm.name=tapo", "tapo.keep_failed_constructions=false"], 3)
     assert m["tapo/constructed_samples"] == 3 and m["tapo/dropped_failed"] == 2

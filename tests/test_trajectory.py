@@ -28,6 +28,7 @@ from tapo_ds.trajectory import (
     parse_construction,
     parse_outputs,
     prefix_fidelity,
+    prefix_push,
     render_construction_prompt,
     select_pairs,
     splice_prefix,
@@ -430,6 +431,7 @@ def test_assembly_keeps_wrong_construction_as_negative():
         assert s.reconstruction == PREFIX + post and "<analysis>" not in s.reconstruction
         assert s.analysis.startswith("The first critical mistake")
         assert s.prefix_fidelity == 1.0 and s.spliced_tokens == 0
+        assert s.prefix_tokens == len(PREFIX)  # one token per character: y⁻'s re-typed part, up to "Wait"
     m = stats_metrics(res.stats)
     assert m == pytest.approx({
         "tapo/selected_frac": 1.0, "tapo/pairs": 4.0, "tapo/skipped_long": 1.0,
@@ -456,9 +458,13 @@ def test_assembly_splice_and_full():
         assert s.response_ids[:s.spliced_tokens] == ids[:s.spliced_tokens]
         assert s.response_ids[-1] == 0
         assert toy_decode(s.response_ids[:-1]) == s.reconstruction
+        # every token wholly before the reflection: the spliced y⁻ tokens and what the splice re-encoded of it
+        assert s.prefix_tokens >= s.spliced_tokens
+        assert toy_decode(s.response_ids[:s.prefix_tokens]) == PREFIX
     _, _, full = _run(prefix="splice", construction="full")  # splice applies to micro only
     for s in full.samples:
         assert s.spliced_tokens == 0 and s.response_ids == char_encode(s.reconstruction) + [0]
+        assert s.prefix_tokens == 0  # a full reconstruction re-types nothing of y⁻
 
 
 def test_assembly_argument_checks_and_stats_add():
@@ -576,6 +582,32 @@ def test_ots_weights_ones_for_originals_and_the_mean_over_constructed_tokens():
     m = StepMetrics()
     none.add_to(m)
     assert m.reduce() == {}
+
+
+def test_ots_split_at_the_reflection_and_the_push_on_the_copied_prefix():
+    torch.manual_seed(2)
+    logp, ent = -torch.rand(3, 5) * 3, torch.rand(3, 5) * 2
+    samples = [SimpleNamespace(constructed=False, response_ids=[0] * 5, prefix_tokens=0, loss_start=0, advantage=-1.0),
+               SimpleNamespace(constructed=True, response_ids=[0] * 5, prefix_tokens=2, loss_start=0, advantage=1.5),
+               SimpleNamespace(constructed=True, response_ids=[0] * 5, prefix_tokens=3, loss_start=0, advantage=-0.5)]
+    out = OTS()(samples, list(logp), list(ent))
+    w = out.weights
+    assert out.prefix_tokens == 5 and out.prefix_total == pytest.approx(float(w[1][:2].sum() + w[2][:3].sum()))
+    m = StepMetrics()
+    out.add_to(m)
+    r = m.reduce()
+    assert r["tapo/ots_weight_prefix_mean"] == pytest.approx(out.prefix_total / 5)
+    assert r["tapo/ots_weight_after_mean"] == pytest.approx((out.total - out.prefix_total) / 5)
+    total, tokens = prefix_push(samples, w)
+    assert tokens == 5  # originals never count
+    assert total == pytest.approx(1.5 * float(w[1][:2].sum()) - 0.5 * float(w[2][:3].sum()))
+    assert prefix_push(samples, None) == (pytest.approx(1.5 * 2 - 0.5 * 3), 5)  # w = 1 without OTS
+    # tapo.prefix_loss: mask: the copied tokens are out of the loss, so nothing of them is weighed or pushed
+    for s in samples[1:]:
+        s.loss_start = s.prefix_tokens
+    assert prefix_push(samples, None) == (0.0, 0)
+    masked = OTS()(samples, [logp[0], logp[1][2:], logp[2][3:]], [ent[0], ent[1][2:], ent[2][3:]])
+    assert masked.prefix_tokens == 0 and masked.tokens == 5
 
 
 def test_no_deepspeed_or_transformers_import():

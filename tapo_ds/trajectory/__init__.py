@@ -35,7 +35,7 @@ from .assembly import (
     parse_outputs,
 )
 from .fidelity import REFLECTION_MARKERS, find_reflection, prefix_fidelity, split_at_reflection
-from .ots import OTS, SampleWeights, ots_weights
+from .ots import OTS, SampleWeights, loss_prefix, ots_weights, prefix_push
 from .parsing import ParsedConstruction, format_construction, parse_construction
 from .prompt import (
     BUILTIN_TEMPLATES,
@@ -52,7 +52,7 @@ __all__ = [
     "AssemblyResult", "ConstructedSample", "ConstructionRequests", "ConstructionStats",
     "ParsedBatch", "assemble", "build_requests", "parse_outputs",
     "REFLECTION_MARKERS", "find_reflection", "prefix_fidelity", "split_at_reflection",
-    "OTS", "SampleWeights", "ots_weights",
+    "OTS", "SampleWeights", "loss_prefix", "ots_weights", "prefix_push",
     "ParsedConstruction", "format_construction", "parse_construction",
     "BUILTIN_TEMPLATES", "DEFAULT_CONSTRUCTION_TEMPLATE", "FULL_RECONSTRUCTION_TEMPLATE",
     "load_template", "render_construction_prompt", "validate_template",

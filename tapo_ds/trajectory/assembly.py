@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, Sequence, Union
 
-from .fidelity import REFLECTION_MARKERS, prefix_fidelity
+from .fidelity import REFLECTION_MARKERS, find_reflection, prefix_fidelity
 from .parsing import ParsedConstruction, parse_construction
 from .prompt import DEFAULT_CONSTRUCTION_TEMPLATE, render_construction_prompt, validate_template
 from .selection import Pair, SelectionResult
@@ -69,6 +69,7 @@ class ConstructedSample:
     reconstruction: str        # as generated (before any splice)
     prefix_fidelity: float
     spliced_tokens: int = 0    # leading response tokens copied verbatim from y⁻ (prefix: splice)
+    prefix_tokens: int = 0     # leading response tokens before the reflection point (y⁻'s re-typed part)
 
 
 @dataclass
@@ -220,12 +221,35 @@ def assemble(
             ids, kept = spliced.response_ids + [int(eos_id)], spliced.n_kept
         elif encode is not None:
             ids = list(encode(item.reconstruction)) + [int(eos_id)]
+        pre_tokens = 0
         if encode is not None:
             question_ids = list(prompt_ids[pair.group])
+            if construction == "micro":
+                pre_tokens = _tokens_before_reflection(ids, item.reconstruction, wrong, markers, encode, decode)
         samples.append(ConstructedSample(
             group=pair.group, prompt_ids=question_ids, response_ids=ids,
             reward=reward, pair=pair, analysis=item.analysis,
-            reconstruction=item.reconstruction, prefix_fidelity=fidelity, spliced_tokens=kept))
+            reconstruction=item.reconstruction, prefix_fidelity=fidelity, spliced_tokens=kept,
+            prefix_tokens=pre_tokens))
         stats.n_tokens += len(ids)
     stats.n_samples = len(samples)
     return AssemblyResult(samples=samples, stats=stats)
+
+
+def _tokens_before_reflection(ids: Sequence[int], reconstruction: str, wrong: str, markers: Sequence[str],
+                              encode: Callable[[str], list[int]],
+                              decode: Callable[[list[int]], str] | None) -> int:
+    """How many leading tokens of ``ids`` (a reconstruction's response, re-typed or spliced) lie wholly
+    before its reflection point: y⁻'s part. A token that straddles the point counts as after it."""
+    if decode is None:
+        pos = find_reflection(reconstruction, markers, wrong=wrong)
+        return len(encode(reconstruction[:pos])) if pos else 0
+    pieces = incremental_token_texts(list(ids), decode)
+    pos = find_reflection("".join(pieces), markers, wrong=wrong)
+    n, end = 0, 0
+    for piece in pieces if pos else ():
+        end += len(piece)
+        if end > pos:
+            break
+        n += 1
+    return n

@@ -36,14 +36,38 @@ def ots_weights(logp: Tensor, entropy: Tensor, mask: Tensor, *,
 
 @dataclass
 class SampleWeights:
-    weights: list[Tensor] | None  # per sample, over its response tokens; None: no constructed sample here
+    weights: list[Tensor] | None  # per sample, over its tokens in the loss; None: no constructed sample here
     total: float  # sum of the constructed tokens' weights
     tokens: int  # constructed tokens
+    prefix_total: float = 0.0  # the same over the tokens re-typed from y⁻ (before the reflection)
+    prefix_tokens: int = 0
 
     def add_to(self, metrics) -> None:
-        """``tapo/ots_weight_mean`` into a :class:`tapo_ds.metrics.StepMetrics` (left out without
-        constructed tokens)."""
+        """``tapo/ots_weight_mean`` (and its split at the reflection point) into a
+        :class:`tapo_ds.metrics.StepMetrics`; a mean without tokens is left out."""
         metrics.mean("tapo/ots_weight_mean", self.total, self.tokens, if_empty=None)
+        metrics.mean("tapo/ots_weight_prefix_mean", self.prefix_total, self.prefix_tokens, if_empty=None)
+        metrics.mean("tapo/ots_weight_after_mean", self.total - self.prefix_total,
+                     self.tokens - self.prefix_tokens, if_empty=None)
+
+
+def loss_prefix(sample) -> int:
+    """How many of ``sample``'s tokens in the loss come before its reflection (0 for an original)."""
+    return max(0, getattr(sample, "prefix_tokens", 0) - getattr(sample, "loss_start", 0))
+
+
+def prefix_push(samples: Sequence, weights: Sequence[Tensor] | None) -> tuple[float, int]:
+    """The constructed samples' signed push on the tokens they re-typed from y⁻: the sum over those tokens
+    of A * w (w = 1 without OTS) and their number. Positive: the step pushes its wrong answers' copied parts,
+    mistake included, up rather than down."""
+    total, tokens = 0.0, 0
+    for i, s in enumerate(samples):
+        k = loss_prefix(s) if s.constructed else 0
+        if k:
+            w = float(weights[i][:k].double().sum()) if weights is not None else float(k)
+            total += s.advantage * w
+            tokens += k
+    return total, tokens
 
 
 @dataclass(frozen=True)
@@ -56,7 +80,7 @@ class OTS:
         """Weights of ``samples`` (each with ``constructed`` and ``response_ids``). ``logp[i]`` and
         ``entropy[i]``: the response tokens of constructed sample i under the pre-update policy (any
         value for the others)."""
-        out, total, tokens = [], 0.0, 0
+        out, total, tokens, pre_total, pre_tokens = [], 0.0, 0, 0.0, 0
         for s, lp, ent in zip(samples, logp, entropy):
             if not s.constructed:
                 out.append(torch.ones(len(s.response_ids)))
@@ -64,5 +88,8 @@ class OTS:
             w = ots_weights(lp[None], ent[None], torch.ones_like(lp)[None], w_min=self.w_min, w_max=self.w_max)[0]
             total += float(w.double().sum())
             tokens += w.numel()
+            k = min(loss_prefix(s), w.numel())
+            pre_total += float(w[:k].double().sum())
+            pre_tokens += k
             out.append(w)
-        return SampleWeights(out if tokens else None, total, tokens)
+        return SampleWeights(out if tokens else None, total, tokens, pre_total, pre_tokens)
