@@ -16,6 +16,7 @@ from eval.metrics import pass_at_k
 from tapo_ds.data import PromptedExample
 from tapo_ds.generation import generate
 from tapo_ds.metrics import StepMetrics
+from tapo_ds.trajectory import reflects
 
 
 @dataclass(frozen=True)
@@ -48,22 +49,26 @@ class Evaluator:
         m = StepMetrics()
         for name, problems in self.sets.items():
             mine = problems[self.info.rank::self.info.world_size]
-            pass_sums, accuracy_sum = [0.0] * len(self.s.ks), 0.0
+            pass_sums, accuracy_sum, reflecting = [0.0] * len(self.s.ks), 0.0, 0
             for start in range(0, len(mine), self.s.batch_questions):
-                for correct in self._correct_counts(mine[start:start + self.s.batch_questions]):
+                counts, with_reflection = self._correct_counts(mine[start:start + self.s.batch_questions])
+                reflecting += with_reflection
+                for correct in counts:
                     for i, k in enumerate(self.s.ks):
                         pass_sums[i] += pass_at_k(n, correct, k)
                     accuracy_sum += correct / n
             for k, total in zip(self.s.ks, pass_sums):
                 m.mean(f"eval/{name}/pass@{k}", total, len(mine))
             m.mean(f"eval/{name}/avg@{n}", accuracy_sum, len(mine))
+            m.mean(f"eval/{name}/reflection_rate", reflecting, len(mine) * n)
         return m
 
-    def _correct_counts(self, problems: list[PromptedExample]) -> list[int]:
+    def _correct_counts(self, problems: list[PromptedExample]) -> tuple[list[int], int]:
+        """Right answers per problem, and how many of all the answers hold a reflection."""
         out = generate(self.rollout, self.tok, [p.prompt_ids for p in problems], self.s.sampling, self.info.device)
         golds = [problems[q].example.answer for q in out.prompt_index]
         graded = self.grader.grade(list(zip(out.texts, golds)), require_box=True)
         counts = [0] * len(problems)
         for q, ok in zip(out.prompt_index, graded.correct):
             counts[q] += int(ok)
-        return counts
+        return counts, sum(reflects(t) for t in out.texts)

@@ -27,7 +27,7 @@ from tapo_ds.engine import all_reduce_
 from tapo_ds.generation import generate, generate_with_followups
 from tapo_ds.in_rollout import GradeThenFollow
 from tapo_ds.metrics import StepMetrics
-from tapo_ds.trajectory import OTS, prefix_push
+from tapo_ds.trajectory import OTS, prefix_push, reflects
 from tapo_ds.update import LossSettings, optimizer_step, per_token_stats, update_metrics
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,8 @@ class RLTrainer:
         m = StepMetrics()
         m.mean("rollout/response_len_mean", sum(lengths), len(lengths))
         m.mean("rollout/truncated_rate", sum(out.truncated), len(out.truncated))
+        # does the policy itself write micro-reflections (what TAPO's constructed samples teach)?
+        m.mean("rollout/reflection_rate", sum(reflects(t) for t in out.texts if t is not None), n)
         m.max("rollout/response_len_max", max(lengths, default=0))
         m.mean("rollout/reward_mean", sum(s.reward for s in out.samples), n)
         m.mean("rollout/acc", g["correct"], n)

@@ -25,7 +25,9 @@ def test_pass_at_k_matches_the_estimator():
     def script(prompt, k):  # problem i: samples k < i are right (0..4 right of 5)
         for problem, (i, gold) in right.items():
             if problem in prompt:
-                return f"\\boxed{{{gold}}}" if k < i else "\\boxed{1000}"
+                if k < i:  # the first right answer of each problem reflects on the way
+                    return ("7\nWait, let me double-check: " if k == 0 else "") + f"\\boxed{{{gold}}}"
+                return "\\boxed{1000}"
         raise AssertionError(prompt)
 
     info = EngineInfo(world_size=1, rank=0, local_rank=0, zero_stage=0, hybrid_engine=False, hybrid_reason="",
@@ -39,6 +41,7 @@ def test_pass_at_k_matches_the_estimator():
     for k in (1, 3, 5):
         assert m[f"eval/toy/pass@{k}"] == pytest.approx(sum(pass_at_k(5, c, k) for c in range(5)) / 5)
     assert m["eval/toy/avg@5"] == pytest.approx((0 + 1 + 2 + 3 + 4) / 25)
+    assert m["eval/toy/reflection_rate"] == pytest.approx(4 / 25)  # problems 1-4 have a first right answer
     with pytest.raises(ValueError, match="outside 1..samples=5"):
         Evaluator({}, EvalSettings(every=1, sampling=sampling, ks=(6,), batch_questions=2), rollout=None,
                   grader=None, tokenizer=tok, info=info)

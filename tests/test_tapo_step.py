@@ -98,6 +98,7 @@ def test_tapo_step_fires_every_branch(tmp_path, grader):
     assert m["tapo/constructed_samples"] == 5 and m["tapo/dropped_failed"] == 0
     assert m["tapo/reflected_groups"] == 2
     assert 0.01 <= m["tapo/ots_weight_mean"] <= 10.0
+    assert m["rollout/reflection_rate"] == 0.0  # the scripted answers never reflect; the constructions do
     assert torch.isfinite(torch.tensor(m["actor/pg_loss"])) and m["actor/grad_norm"] > 0
     assert "timing/construct" in m
 

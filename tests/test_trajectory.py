@@ -29,6 +29,7 @@ from tapo_ds.trajectory import (
     parse_outputs,
     prefix_fidelity,
     prefix_push,
+    reflects,
     render_construction_prompt,
     select_pairs,
     splice_prefix,
@@ -297,6 +298,11 @@ def test_copied_check_line_is_skipped_and_the_later_reflection_found():
     # the same when y⁻ ends right after the copied check (nothing after it to tell them apart)
     assert find_reflection("a\nWait, ok.", wrong="a\nWait, ok.") is None
     assert find_reflection("a\nWait, ok.\nWait, no.", wrong="a\nWait, ok.\n") == len("a\nWait, ok.\n")
+
+
+def test_reflects_on_any_marker():
+    assert reflects(PREFIX + POST_OK) and reflects("x\nHmm, wait") and not reflects(WRONG)
+    assert not reflects("Waiting is over.")
 
 
 def test_prefix_fidelity_empty_prefix_and_no_marker():

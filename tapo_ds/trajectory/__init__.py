@@ -34,7 +34,7 @@ from .assembly import (
     build_requests,
     parse_outputs,
 )
-from .fidelity import REFLECTION_MARKERS, find_reflection, prefix_fidelity, split_at_reflection
+from .fidelity import REFLECTION_MARKERS, find_reflection, prefix_fidelity, reflects, split_at_reflection
 from .ots import OTS, SampleWeights, loss_prefix, ots_weights, prefix_push
 from .parsing import ParsedConstruction, format_construction, parse_construction
 from .prompt import (
@@ -51,7 +51,7 @@ from .splice import SpliceResult, align_prefix, incremental_token_texts, splice_
 __all__ = [
     "AssemblyResult", "ConstructedSample", "ConstructionRequests", "ConstructionStats",
     "ParsedBatch", "assemble", "build_requests", "parse_outputs",
-    "REFLECTION_MARKERS", "find_reflection", "prefix_fidelity", "split_at_reflection",
+    "REFLECTION_MARKERS", "find_reflection", "prefix_fidelity", "reflects", "split_at_reflection",
     "OTS", "SampleWeights", "loss_prefix", "ots_weights", "prefix_push",
     "ParsedConstruction", "format_construction", "parse_construction",
     "BUILTIN_TEMPLATES", "DEFAULT_CONSTRUCTION_TEMPLATE", "FULL_RECONSTRUCTION_TEMPLATE",

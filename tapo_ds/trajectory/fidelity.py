@@ -43,6 +43,11 @@ REFLECTION_MARKERS: tuple[str, ...] = (
 )
 
 
+def reflects(text: str, markers: Sequence[str] = REFLECTION_MARKERS) -> bool:
+    """Whether ``text`` (a policy's answer) holds a reflection: any marker of ``markers``."""
+    return any(m and m in text for m in markers)
+
+
 def _lead(text: str) -> int:
     return len(text) - len(text.lstrip())
 
