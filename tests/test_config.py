@@ -201,7 +201,6 @@ def test_unknown_flag(capsys):
 NEEDS_EARLIER_STEP = {
     "configs/ablations/sft_micro_reflective.yaml": "sft.train_files[0]: runs/qwen3_8b_tapo/coldstart_sft.jsonl",
     "configs/smoke/smollm2_tapo.yaml": "model.path: .cache/models/smollm2-135m-instruct: no such folder",
-    "configs/miniature/coldstart_phase2.yaml": "model.path: runs/miniature-coldstart/hf: no such folder",
 }
 
 
